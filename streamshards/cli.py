@@ -1,0 +1,142 @@
+"""The ``streamshards`` command line: inspect, verify, merge, convert, upload, download."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import click
+
+from streamshards.format import ShardError
+from streamshards.index import IndexFormatError
+
+# Commands that live beside the code they drive; imported only when used.
+_LAZY = {
+    "convert": "streamshards.convert.cli:convert",
+    "upload": "streamshards.transfer:upload_command",
+    "download": "streamshards.transfer:download_command",
+}
+
+
+class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in _LAZY:
+            module, attr = _LAZY[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="streamshards")
+def main() -> None:
+    """Compressed, indexed shards for language-model training."""
+
+
+def _open_index(dataset: str):
+    """The shard source (index and shard paths) of a local folder or a remote URL."""
+    from streamshards.source import open_source
+
+    if "://" in dataset and not dataset.startswith("file://"):
+        source = open_source(dataset, None)
+    else:
+        source = open_source(None, dataset)
+    return source
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+@main.command()
+@click.argument("dataset")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for machines.")
+def inspect(dataset: str, as_json: bool) -> None:
+    """Show a dataset's size, schema and provenance.
+
+    Example: streamshards inspect ./shards --json
+    """
+    try:
+        index = _open_index(dataset).index
+    except (IndexFormatError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
+    ratio = index.raw_bytes / index.stored_bytes if index.stored_bytes else 1.0
+    summary = {
+        "dataset": dataset,
+        "samples": index.num_samples,
+        "shards": len(index.shards),
+        "raw_bytes": index.raw_bytes,
+        "stored_bytes": index.stored_bytes,
+        "compression_ratio": round(ratio, 3),
+        "columns": index.columns,
+        "provenance": index.provenance,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+        return
+    click.echo(f"dataset      {dataset}")
+    click.echo(f"samples      {index.num_samples:,}")
+    click.echo(f"shards       {len(index.shards):,}")
+    click.echo(f"raw bytes    {_human(index.raw_bytes)}")
+    click.echo(f"stored bytes {_human(index.stored_bytes)} (compression ratio {ratio:.2f}x)")
+    click.echo("columns")
+    for name, ctype in index.columns.items():
+        click.echo(f"  {name:<12} {ctype}")
+    click.echo("provenance")
+    for line in json.dumps(index.provenance, indent=1).splitlines()[1:-1]:
+        click.echo(" " + line)
+
+
+@main.command()
+@click.argument("dataset")
+def verify(dataset: str) -> None:
+    """Check every shard's size and hash against the index and that it decodes.
+
+    Exits 1 with one line per bad shard. Example: streamshards verify ./shards
+    """
+    from streamshards.reader import open_shard
+
+    try:
+        source = _open_index(dataset)
+    except (IndexFormatError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
+    index = source.index
+    bad = 0
+    for k, info in enumerate(index.shards):
+        try:
+            view = open_shard(source.path(k), info, index)
+            for j in range(view.num_samples):
+                view.sample(j)
+        except (ShardError, ValueError, OSError) as err:
+            bad += 1
+            click.echo(f"BAD {info.file}: {err}")
+    click.echo(f"{len(index.shards) - bad} of {len(index.shards)} shards ok, {index.num_samples:,} samples")
+    if bad:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("parts", nargs=-1, required=True)
+@click.option("--out", required=True, help="Folder for the merged dataset.")
+@click.option("--compression", default="zstd", show_default=True, help="zstd, zstd:LEVEL or none.")
+@click.option("--size-limit", default="64MB", show_default=True, help="Raw bytes per shard.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing dataset at --out.")
+def merge(parts: tuple[str, ...], out: str, compression: str, size_limit: str, overwrite: bool) -> None:
+    """Merge datasets (or a folder of part folders, in name order) into one.
+
+    Example: streamshards merge parts/ --out merged/
+    """
+    from streamshards.merge import merge as merge_parts
+
+    try:
+        index = merge_parts(parts, out, compression, size_limit, overwrite)
+    except (IndexFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"merged {index.num_samples:,} samples into {len(index.shards)} shards at {out}")

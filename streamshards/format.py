@@ -1,0 +1,173 @@
+"""The shard byte layout: building a raw shard from encoded columns and reading it back.
+
+Layout (all integers little-endian, see docs/FORMAT.md):
+
+    magic  b"SSHARD01"          8 bytes
+    u64    num_samples
+    u32    num_columns
+    u32    reserved (0)
+    per column: u64 offsets_pos, u64 data_pos, u64 data_bytes   (offsets_pos 0 = fixed size)
+    blocks, each starting at a multiple of 64: per variable column an offsets table of
+    num_samples + 1 u64 (relative to its data block), then each column's data block.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+import zstandard
+
+from streamshards.columns import ColumnType, decode
+
+MAGIC = b"SSHARD01"
+ALIGN = 64
+_HEAD = struct.Struct("<8sQII")
+_COL = struct.Struct("<QQQ")
+
+
+class ShardError(ValueError):
+    """A shard file is corrupt, truncated or does not match its index entry."""
+
+
+def stored_hash(data: bytes | memoryview) -> str:
+    """The hash recorded in the index for a stored shard file: xxh3-64, hex."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def _pad(pos: int) -> int:
+    return -pos % ALIGN
+
+
+def build_shard(columns: list[tuple[ColumnType, list[bytes]]], num_samples: int) -> bytes:
+    """Lay out one raw (uncompressed) shard from per-column lists of encoded values."""
+    pos = _HEAD.size + _COL.size * len(columns)
+    parts: list[bytes] = []
+    table: list[tuple[int, int, int]] = []
+
+    def place(blob: bytes) -> int:
+        nonlocal pos
+        pad = _pad(pos)
+        parts.append(b"\0" * pad)
+        parts.append(blob)
+        start = pos + pad
+        pos = start + len(blob)
+        return start
+
+    for ctype, values in columns:
+        offsets_pos = 0
+        if ctype.fixed_size is None:
+            offsets = np.zeros(num_samples + 1, dtype="<u8")
+            np.cumsum([len(v) for v in values], out=offsets[1:])
+            offsets_pos = place(offsets.tobytes())
+        data = b"".join(values)
+        table.append((offsets_pos, place(data), len(data)))
+    head = _HEAD.pack(MAGIC, num_samples, len(columns), 0)
+    head += b"".join(_COL.pack(*entry) for entry in table)
+    return head + b"".join(parts)
+
+
+def compress(raw: bytes, level: int | None) -> bytes:
+    """zstd-compress a raw shard (with content size and checksum), or return it as is."""
+    if level is None:
+        return raw
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(raw)
+
+
+def decompress(stored: bytes | memoryview, raw_bytes: int, name: str) -> bytes:
+    """Decompress a stored shard, refusing to produce more than the index's raw size (F4)."""
+    declared = zstandard.frame_content_size(stored)
+    if declared not in (-1, raw_bytes):
+        raise ShardError(f"shard {name}: frame declares {declared} raw bytes, index says {raw_bytes}")
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(memoryview(stored))
+        raw = reader.read(raw_bytes + 1)
+    except zstandard.ZstdError as err:
+        raise ShardError(f"shard {name}: zstd decompression failed: {err}") from None
+    if len(raw) != raw_bytes:
+        raise ShardError(f"shard {name}: decompressed to {len(raw)} bytes, index says {raw_bytes}")
+    return raw
+
+
+@dataclass
+class _Column:
+    ctype: ColumnType
+    offsets: np.ndarray | None
+    data_pos: int
+    data_bytes: int
+
+
+class ShardView:
+    """Random access to the samples of one raw shard held in memory or a memory map."""
+
+    def __init__(self, raw: bytes | memoryview, names: list[str], types: list[ColumnType],
+                 num_samples: int, name: str):
+        self.buf = memoryview(raw)
+        self.name = name
+        self.num_samples = num_samples
+        self.names = names
+        if len(self.buf) < _HEAD.size:
+            raise ShardError(f"shard {name}: {len(self.buf)} bytes is shorter than the header")
+        magic, count, ncols, _ = _HEAD.unpack_from(self.buf, 0)
+        if magic != MAGIC:
+            raise ShardError(f"shard {name}: bad magic {magic!r}, expected {MAGIC!r}")
+        if count != num_samples or ncols != len(types):
+            raise ShardError(
+                f"shard {name}: header says {count} samples x {ncols} columns, "
+                f"index says {num_samples} x {len(types)}"
+            )
+        self.columns: list[_Column] = []
+        for k, ctype in enumerate(types):
+            offsets_pos, data_pos, data_bytes = _COL.unpack_from(self.buf, _HEAD.size + k * _COL.size)
+            if data_pos + data_bytes > len(self.buf):
+                raise ShardError(f"shard {name}: column {names[k]!r} overruns the shard")
+            offsets = None
+            if ctype.fixed_size is None:
+                end = offsets_pos + 8 * (count + 1)
+                if offsets_pos == 0 or end > len(self.buf):
+                    raise ShardError(f"shard {name}: column {names[k]!r} offsets table is missing")
+                offsets = np.frombuffer(self.buf, dtype="<u8", count=count + 1, offset=offsets_pos)
+                if count and (offsets[-1] != data_bytes or np.any(np.diff(offsets.astype(np.int64)) < 0)):
+                    raise ShardError(f"shard {name}: column {names[k]!r} offsets are corrupt")
+            elif ctype.fixed_size * count != data_bytes:
+                raise ShardError(
+                    f"shard {name}: column {names[k]!r} holds {data_bytes} bytes, "
+                    f"expected {count} x {ctype.fixed_size}"
+                )
+            self.columns.append(_Column(ctype, offsets, data_pos, data_bytes))
+
+    def value(self, col: int, j: int):
+        """Decode column ``col`` of sample ``j`` (0-based within this shard)."""
+        c = self.columns[col]
+        if c.offsets is None:
+            size = c.ctype.fixed_size
+            start = c.data_pos + j * size
+            return decode(self.buf[start : start + size], c.ctype)
+        start = c.data_pos + int(c.offsets[j])
+        return decode(self.buf[start : c.data_pos + int(c.offsets[j + 1])], c.ctype)
+
+    def encoded(self, j: int) -> list[bytes]:
+        """The stored bytes of every column of sample ``j``, as ``build_shard`` takes them."""
+        out = []
+        for c in self.columns:
+            if c.offsets is None:
+                start = c.data_pos + j * c.ctype.fixed_size
+                out.append(bytes(self.buf[start : start + c.ctype.fixed_size]))
+            else:
+                out.append(bytes(self.buf[c.data_pos + int(c.offsets[j]) : c.data_pos + int(c.offsets[j + 1])]))
+        return out
+
+    def sample(self, j: int) -> dict:
+        """Decode every column of sample ``j``."""
+        if not 0 <= j < self.num_samples:
+            raise IndexError(f"shard {self.name}: sample {j} out of range 0..{self.num_samples - 1}")
+        return {name: self.value(k, j) for k, name in enumerate(self.names)}
+
+    def fixed_array(self, col: int) -> np.ndarray:
+        """The whole fixed-shape ndarray column as one (num_samples, *shape) view, zero-copy."""
+        c = self.columns[col]
+        shape = (self.num_samples, *c.ctype.shape)
+        return np.frombuffer(self.buf, dtype=c.ctype.dtype, count=int(np.prod(shape)),
+                             offset=c.data_pos).reshape(shape)

@@ -1,0 +1,222 @@
+"""The dataset index (index.json): schema, validation, atomic writing and sample lookup."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamshards.columns import ColumnType, parse_column_type
+
+INDEX_NAME = "index.json"
+FORMAT_NAME = "streamshards"
+FORMAT_VERSION = 1
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class IndexFormatError(ValueError):
+    """index.json is malformed or unsafe; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as the index lists it."""
+
+    file: str
+    samples: int
+    raw_bytes: int
+    stored_bytes: int
+    hash: str
+    compression: str | None
+
+    def to_dict(self) -> dict:
+        return {
+            "file": self.file,
+            "samples": self.samples,
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
+            "hash": {"xxh3_64": self.hash},
+            "compression": self.compression,
+        }
+
+
+@dataclass
+class Index:
+    """A parsed, validated index: the schema, the shards and the provenance."""
+
+    columns: dict[str, str]
+    shards: list[ShardInfo]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        counts = np.fromiter((s.samples for s in self.shards), dtype=np.int64, count=len(self.shards))
+        self.shard_starts = np.zeros(len(self.shards) + 1, dtype=np.int64)
+        np.cumsum(counts, out=self.shard_starts[1:])
+        self.column_types: list[ColumnType] = [
+            parse_column_type(t, name) for name, t in self.columns.items()
+        ]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.shard_starts[-1])
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(s.raw_bytes for s in self.shards)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(s.stored_bytes for s in self.shards)
+
+    def shard_of(self, sample_id: int) -> tuple[int, int]:
+        """(shard number, position within that shard) of a global sample id, O(log shards)."""
+        if not 0 <= sample_id < self.num_samples:
+            raise IndexError(f"sample {sample_id} out of range 0..{self.num_samples - 1}")
+        shard = int(np.searchsorted(self.shard_starts, sample_id, side="right")) - 1
+        return shard, sample_id - int(self.shard_starts[shard])
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "columns": self.columns,
+            "num_samples": self.num_samples,
+            "shards": [s.to_dict() for s in self.shards],
+            "provenance": self.provenance,
+        }
+
+
+def check_shard_name(name: Any, where: str) -> str:
+    """Accept only a plain file name inside the dataset folder (F7)."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise IndexFormatError(
+            f"{where}: shard file {name!r} is not a plain file name inside the dataset folder "
+            "(paths, '..', absolute paths and URLs are refused)"
+        )
+    return name
+
+
+def _field(obj: dict, key: str, kind: type | tuple, where: str):
+    if key not in obj:
+        raise IndexFormatError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise IndexFormatError(f"{where}: field {key!r} has type {type(value).__name__}")
+    if kind is int and value < 0:
+        raise IndexFormatError(f"{where}: field {key!r} is negative ({value})")
+    return value
+
+
+def parse_index(obj: Any, source: str) -> Index:
+    """Validate a decoded index.json object; errors name ``source`` and the field."""
+    if not isinstance(obj, dict):
+        raise IndexFormatError(f"{source}: top level is not a JSON object")
+    if obj.get("format") != FORMAT_NAME:
+        raise IndexFormatError(f"{source}: field 'format' is {obj.get('format')!r}, not {FORMAT_NAME!r}")
+    version = _field(obj, "version", int, source)
+    if version != FORMAT_VERSION:
+        raise IndexFormatError(f"{source}: index version {version} is not supported (this reader: 1)")
+    columns = _field(obj, "columns", dict, source)
+    if not columns:
+        raise IndexFormatError(f"{source}: 'columns' is empty")
+    for name, spec in columns.items():
+        try:
+            parse_column_type(spec, name)
+        except ValueError as err:
+            raise IndexFormatError(f"{source}: {err}") from None
+    shards = []
+    seen = set()
+    for k, entry in enumerate(_field(obj, "shards", list, source)):
+        where = f"{source}: shards[{k}]"
+        if not isinstance(entry, dict):
+            raise IndexFormatError(f"{where}: not an object")
+        name = check_shard_name(_field(entry, "file", str, where), where)
+        if name in seen or name == INDEX_NAME:
+            raise IndexFormatError(f"{where}: shard file {name!r} is listed twice or clashes")
+        seen.add(name)
+        hashes = _field(entry, "hash", dict, where)
+        digest = hashes.get("xxh3_64")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{16}", digest):
+            raise IndexFormatError(f"{where}: field 'hash.xxh3_64' must be 16 hex digits")
+        compression = entry.get("compression")
+        if compression not in (None, "zstd"):
+            raise IndexFormatError(f"{where}: unknown compression {compression!r}")
+        shards.append(
+            ShardInfo(
+                name,
+                _field(entry, "samples", int, where),
+                _field(entry, "raw_bytes", int, where),
+                _field(entry, "stored_bytes", int, where),
+                digest,
+                compression,
+            )
+        )
+    index = Index(dict(columns), shards, obj.get("provenance") or {}, version)
+    if "num_samples" in obj and obj["num_samples"] != index.num_samples:
+        raise IndexFormatError(
+            f"{source}: num_samples is {obj['num_samples']} but the shards hold {index.num_samples}"
+        )
+    return index
+
+
+def load_index(path: str | os.PathLike) -> Index:
+    """Read and validate a dataset's index.json (``path`` is the folder or the file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / INDEX_NAME
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no dataset index at {path}") from None
+    return parse_index_bytes(text, str(path))
+
+
+def parse_index_bytes(text: bytes, source: str) -> Index:
+    """Parse index.json bytes; malformed JSON is reported with its line and column."""
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IndexFormatError(f"{source}: malformed JSON: {err}") from None
+    return parse_index(obj, source)
+
+
+def index_bytes(index: Index) -> bytes:
+    """Serialise an index deterministically (sorted nothing, fixed indentation)."""
+    return (json.dumps(index.to_dict(), indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_index(folder: str | os.PathLike, index: Index) -> Path:
+    """Write index.json atomically: a temporary file, fsync, then rename (F5)."""
+    folder = Path(folder)
+    target = folder / INDEX_NAME
+    atomic_write(target, index_bytes(index))
+    return target
+
+
+def atomic_write(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` so readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def creation_time() -> str:
+    """ISO-8601 UTC time for provenance; SOURCE_DATE_EPOCH makes builds reproducible."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    stamp = int(epoch) if epoch else int(time.time())
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))

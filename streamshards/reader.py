@@ -1,0 +1,75 @@
+"""Opening local shards: size and hash checks before first use, decompression, an LRU of views."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+from streamshards.format import ShardError, ShardView, decompress, stored_hash
+from streamshards.index import Index, ShardInfo
+
+
+def open_shard(path: Path, info: ShardInfo, index: Index) -> ShardView:
+    """Verify a local shard file against its index entry and return a view of its samples.
+
+    Uncompressed shards are memory-mapped (zero-copy); zstd shards are decompressed into
+    memory, never beyond the raw size the index promises.
+    """
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise ShardError(f"shard {info.file}: file {path} is missing") from None
+    if size != info.stored_bytes:
+        raise ShardError(
+            f"shard {info.file}: file is {size} bytes, index says {info.stored_bytes} (truncated?)"
+        )
+    if size == 0:
+        data: bytes | mmap.mmap = b""
+    else:
+        with open(path, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    actual = stored_hash(data)
+    if actual != info.hash:
+        raise ShardError(
+            f"shard {info.file}: hash mismatch: index says xxh3_64={info.hash}, file has {actual}"
+        )
+    raw = data if info.compression is None else decompress(data, info.raw_bytes, info.file)
+    if info.compression is None and len(raw) != info.raw_bytes:
+        raise ShardError(f"shard {info.file}: {len(raw)} raw bytes, index says {info.raw_bytes}")
+    return ShardView(raw, list(index.columns), index.column_types, info.samples, info.file)
+
+
+class ShardReader:
+    """Gives samples of one dataset by global id, keeping the last ``max_open`` shards open.
+
+    ``locate(k)`` returns the local path of shard ``k``; remote datasets pass one that
+    downloads into the cache first.
+    """
+
+    def __init__(self, folder: str | os.PathLike, index: Index, max_open: int = 8,
+                 locate: Callable[[int], Path] | None = None):
+        self.folder = Path(folder)
+        self.index = index
+        self.max_open = max(1, max_open)
+        self.locate = locate or (lambda k: self.folder / index.shards[k].file)
+        self._open: OrderedDict[int, ShardView] = OrderedDict()
+
+    def shard(self, k: int) -> ShardView:
+        """The verified view of shard ``k``, opening it on first use."""
+        view = self._open.get(k)
+        if view is not None:
+            self._open.move_to_end(k)
+            return view
+        view = open_shard(self.locate(k), self.index.shards[k], self.index)
+        self._open[k] = view
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return view
+
+    def get(self, sample_id: int) -> dict:
+        """Sample ``sample_id`` (global, 0-based) as a dict of column values."""
+        k, j = self.index.shard_of(sample_id)
+        return self.shard(k).sample(j)

@@ -1,0 +1,154 @@
+"""ShardWriter: turns sample dicts into compressed, hashed shards and an index (F1, F4, F5)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from streamshards import __version__
+from streamshards.columns import encode, parse_column_type
+from streamshards.format import build_shard, compress, stored_hash
+from streamshards.index import INDEX_NAME, Index, ShardInfo, creation_time, write_index
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Parse ``64MB``, ``1.5GiB`` or a plain byte count."""
+    if size is None or isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot parse size {size!r}; use e.g. 64MB, 1GiB or a byte count")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def parse_compression(compression: str | None) -> int | None:
+    """``zstd`` (level 3), ``zstd:LEVEL`` or None; returns the zstd level or None."""
+    if compression in (None, "none", "None", ""):
+        return None
+    if compression == "zstd":
+        return 3
+    match = re.fullmatch(r"zstd:(-?\d+)", str(compression))
+    if not match or not -7 <= int(match.group(1)) <= 22:
+        raise ValueError(f"unknown compression {compression!r}; use zstd, zstd:1..22 or None")
+    return int(match.group(1))
+
+
+class ShardWriter:
+    """Write samples into shards under ``out``; the index is written last, on close.
+
+    Each shard is written under a temporary name and renamed when complete, and the index
+    is replaced atomically, so a crash leaves the old dataset or none, never a partial one.
+
+    >>> with ShardWriter("out/", {"text": "str", "tokens": "ndarray:uint16:2048"}) as w:
+    ...     w.write({"text": "hello", "tokens": tokens})
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        columns: Mapping[str, str],
+        compression: str | None = "zstd",
+        size_limit: int | str = "64MB",
+        provenance: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        shard_prefix: str = "shard",
+    ):
+        if not columns:
+            raise ValueError("ShardWriter needs at least one column")
+        self.out = Path(out)
+        self.columns = dict(columns)
+        self.types = [parse_column_type(t, name) for name, t in self.columns.items()]
+        self.level = parse_compression(compression)
+        self.size_limit = parse_size(size_limit)
+        if not self.size_limit or self.size_limit <= 0:
+            raise ValueError(f"size_limit must be positive, got {size_limit!r}")
+        self.provenance = dict(provenance or {})
+        self.shard_prefix = shard_prefix
+        self.out.mkdir(parents=True, exist_ok=True)
+        index_path = self.out / INDEX_NAME
+        if index_path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{index_path} exists; pass overwrite=True to replace it")
+            index_path.unlink()
+        self.shards: list[ShardInfo] = []
+        self._buffers: list[list[bytes]] = [[] for _ in self.types]
+        self._count = 0
+        self._raw = 0
+        self._closed = False
+
+    def write(self, sample: Mapping[str, Any]) -> None:
+        """Add one sample; every column must be present and fit its type."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        missing = [name for name in self.columns if name not in sample]
+        if missing:
+            raise ValueError(f"sample is missing column(s) {missing}; columns: {list(self.columns)}")
+        extra = [name for name in sample if name not in self.columns]
+        if extra:
+            raise ValueError(f"sample has unknown column(s) {extra}; columns: {list(self.columns)}")
+        encoded = [encode(sample[name], t, name) for name, t in zip(self.columns, self.types)]
+        self.write_encoded(encoded)
+
+    def write_encoded(self, encoded: list[bytes]) -> None:
+        """Add one sample whose columns are already encoded (used by merge and convert)."""
+        size = sum(len(v) for v in encoded) + 8 * len(encoded)
+        if self._count and self._raw + size > self.size_limit:
+            self.flush()
+        for buffer, value in zip(self._buffers, encoded):
+            buffer.append(value)
+        self._count += 1
+        self._raw += size
+
+    def flush(self) -> None:
+        """Finish the current shard: build, compress, hash, write to a temporary name, rename."""
+        if not self._count:
+            return
+        raw = build_shard(list(zip(self.types, self._buffers)), self._count)
+        stored = compress(raw, self.level)
+        suffix = ".ssd.zst" if self.level is not None else ".ssd"
+        name = f"{self.shard_prefix}.{len(self.shards):06d}{suffix}"
+        tmp = self.out / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(stored)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.out / name)
+        self.shards.append(
+            ShardInfo(name, self._count, len(raw), len(stored), stored_hash(stored),
+                      "zstd" if self.level is not None else None)
+        )
+        self._buffers = [[] for _ in self.types]
+        self._count = 0
+        self._raw = 0
+
+    def index(self) -> Index:
+        """The index describing what has been flushed so far."""
+        provenance = {"tool": f"streamshards {__version__}", "created": creation_time()}
+        provenance.update(self.provenance)
+        return Index(self.columns, list(self.shards), provenance)
+
+    def close(self) -> Index:
+        """Flush the last shard and write index.json atomically."""
+        if self._closed:
+            return self.index()
+        self.flush()
+        index = self.index()
+        write_index(self.out, index)
+        self._closed = True
+        return index
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # An exception inside the block leaves no index: the folder is not a dataset.
+        if exc_type is None:
+            self.close()
+        else:
+            self._closed = True
