@@ -2,7 +2,19 @@
 
 __version__ = "0.1.0"
 
+from streamshards.dataset import Stream, StreamingDataset  # noqa: E402
 from streamshards.index import Index, load_index  # noqa: E402
+from streamshards.loader import StreamingDataLoader  # noqa: E402
+from streamshards.merge import merge  # noqa: E402
 from streamshards.writer import ShardWriter  # noqa: E402
 
-__all__ = ["Index", "ShardWriter", "load_index", "__version__"]
+__all__ = [
+    "Index",
+    "ShardWriter",
+    "Stream",
+    "StreamingDataLoader",
+    "StreamingDataset",
+    "load_index",
+    "merge",
+    "__version__",
+]

@@ -117,7 +117,9 @@ def verify(dataset: str) -> None:
         except (ShardError, ValueError, OSError) as err:
             bad += 1
             click.echo(f"BAD {info.file}: {err}")
-    click.echo(f"{len(index.shards) - bad} of {len(index.shards)} shards ok, {index.num_samples:,} samples")
+    click.echo(
+        f"{len(index.shards) - bad} of {len(index.shards)} shards ok, {index.num_samples:,} samples"
+    )
     if bad:
         sys.exit(1)
 
@@ -128,7 +130,9 @@ def verify(dataset: str) -> None:
 @click.option("--compression", default="zstd", show_default=True, help="zstd, zstd:LEVEL or none.")
 @click.option("--size-limit", default="64MB", show_default=True, help="Raw bytes per shard.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset at --out.")
-def merge(parts: tuple[str, ...], out: str, compression: str, size_limit: str, overwrite: bool) -> None:
+def merge(
+    parts: tuple[str, ...], out: str, compression: str, size_limit: str, overwrite: bool
+) -> None:
     """Merge datasets (or a folder of part folders, in name order) into one.
 
     Example: streamshards merge parts/ --out merged/

@@ -49,6 +49,15 @@ class ColumnType:
             return math.prod(self.shape) * self.dtype.itemsize
         return None
 
+    @property
+    def array(self) -> tuple[np.dtype, tuple[int, ...]] | None:
+        """(dtype, per-sample shape) for columns read as one numpy array, else None."""
+        if self.kind in ("int64", "float64"):
+            return np.dtype("<i8" if self.kind == "int64" else "<f8"), ()
+        if self.kind == "ndarray" and self.shape is not None:
+            return self.dtype, self.shape
+        return None
+
     def __str__(self) -> str:
         if self.kind != "ndarray":
             return self.kind
@@ -71,7 +80,9 @@ def parse_column_type(spec: str, column: str = "?") -> ColumnType:
             " ndarray:DTYPE or ndarray:DTYPE:SHAPE (e.g. ndarray:uint16:2048, ndarray:float32:3x32)"
         )
     if parts[1] not in DTYPES:
-        raise ValueError(f"column {column!r}: unknown dtype {parts[1]!r} in {spec!r}; known: {DTYPES}")
+        raise ValueError(
+            f"column {column!r}: unknown dtype {parts[1]!r} in {spec!r}; known: {DTYPES}"
+        )
     dtype = np.dtype(parts[1]).newbyteorder("<")
     shape = None
     if len(parts) == 3:
@@ -95,9 +106,7 @@ def _as_array(value: Any, ctype: ColumnType, column: str) -> np.ndarray:
             if arr.size and target.kind != "b" and arr.max() > np.iinfo(target).max:
                 raise ValueError(f"column {column!r}: value above the range of {target.name}")
         elif not (arr.dtype.kind in "iubf" and target.kind == "f"):
-            raise ValueError(
-                f"column {column!r}: array of dtype {arr.dtype} does not fit {ctype}"
-            )
+            raise ValueError(f"column {column!r}: array of dtype {arr.dtype} does not fit {ctype}")
         arr = arr.astype(target)
     if ctype.shape is not None and arr.shape != ctype.shape:
         raise ValueError(f"column {column!r}: shape {arr.shape} does not match {ctype}")

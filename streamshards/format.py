@@ -13,6 +13,7 @@ Layout (all integers little-endian, see docs/FORMAT.md):
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -80,7 +81,9 @@ def decompress(stored: bytes | memoryview, raw_bytes: int, name: str) -> bytes:
     """Decompress a stored shard, refusing to produce more than the index's raw size (F4)."""
     declared = zstandard.frame_content_size(stored)
     if declared not in (-1, raw_bytes):
-        raise ShardError(f"shard {name}: frame declares {declared} raw bytes, index says {raw_bytes}")
+        raise ShardError(
+            f"shard {name}: frame declares {declared} raw bytes, index says {raw_bytes}"
+        )
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(memoryview(stored))
         raw = reader.read(raw_bytes + 1)
@@ -102,8 +105,14 @@ class _Column:
 class ShardView:
     """Random access to the samples of one raw shard held in memory or a memory map."""
 
-    def __init__(self, raw: bytes | memoryview, names: list[str], types: list[ColumnType],
-                 num_samples: int, name: str):
+    def __init__(
+        self,
+        raw: bytes | memoryview,
+        names: list[str],
+        types: list[ColumnType],
+        num_samples: int,
+        name: str,
+    ):
         self.buf = memoryview(raw)
         self.name = name
         self.num_samples = num_samples
@@ -120,7 +129,9 @@ class ShardView:
             )
         self.columns: list[_Column] = []
         for k, ctype in enumerate(types):
-            offsets_pos, data_pos, data_bytes = _COL.unpack_from(self.buf, _HEAD.size + k * _COL.size)
+            offsets_pos, data_pos, data_bytes = _COL.unpack_from(
+                self.buf, _HEAD.size + k * _COL.size
+            )
             if data_pos + data_bytes > len(self.buf):
                 raise ShardError(f"shard {name}: column {names[k]!r} overruns the shard")
             offsets = None
@@ -129,7 +140,9 @@ class ShardView:
                 if offsets_pos == 0 or end > len(self.buf):
                     raise ShardError(f"shard {name}: column {names[k]!r} offsets table is missing")
                 offsets = np.frombuffer(self.buf, dtype="<u8", count=count + 1, offset=offsets_pos)
-                if count and (offsets[-1] != data_bytes or np.any(np.diff(offsets.astype(np.int64)) < 0)):
+                if count and (
+                    offsets[-1] != data_bytes or np.any(np.diff(offsets.astype(np.int64)) < 0)
+                ):
                     raise ShardError(f"shard {name}: column {names[k]!r} offsets are corrupt")
             elif ctype.fixed_size * count != data_bytes:
                 raise ShardError(
@@ -156,18 +169,29 @@ class ShardView:
                 start = c.data_pos + j * c.ctype.fixed_size
                 out.append(bytes(self.buf[start : start + c.ctype.fixed_size]))
             else:
-                out.append(bytes(self.buf[c.data_pos + int(c.offsets[j]) : c.data_pos + int(c.offsets[j + 1])]))
+                out.append(
+                    bytes(
+                        self.buf[
+                            c.data_pos + int(c.offsets[j]) : c.data_pos + int(c.offsets[j + 1])
+                        ]
+                    )
+                )
         return out
 
     def sample(self, j: int) -> dict:
         """Decode every column of sample ``j``."""
         if not 0 <= j < self.num_samples:
-            raise IndexError(f"shard {self.name}: sample {j} out of range 0..{self.num_samples - 1}")
+            raise IndexError(
+                f"shard {self.name}: sample {j} out of range 0..{self.num_samples - 1}"
+            )
         return {name: self.value(k, j) for k, name in enumerate(self.names)}
 
     def fixed_array(self, col: int) -> np.ndarray:
-        """The whole fixed-shape ndarray column as one (num_samples, *shape) view, zero-copy."""
-        c = self.columns[col]
-        shape = (self.num_samples, *c.ctype.shape)
-        return np.frombuffer(self.buf, dtype=c.ctype.dtype, count=int(np.prod(shape)),
-                             offset=c.data_pos).reshape(shape)
+        """A fixed-size column as one (num_samples, *shape) array view, zero-copy."""
+        dtype, shape = self.columns[col].ctype.array
+        return np.frombuffer(
+            self.buf,
+            dtype=dtype,
+            count=self.num_samples * math.prod(shape),
+            offset=self.columns[col].data_pos,
+        ).reshape((self.num_samples, *shape))

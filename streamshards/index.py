@@ -57,7 +57,9 @@ class Index:
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        counts = np.fromiter((s.samples for s in self.shards), dtype=np.int64, count=len(self.shards))
+        counts = np.fromiter(
+            (s.samples for s in self.shards), dtype=np.int64, count=len(self.shards)
+        )
         self.shard_starts = np.zeros(len(self.shards) + 1, dtype=np.int64)
         np.cumsum(counts, out=self.shard_starts[1:])
         self.column_types: list[ColumnType] = [
@@ -120,10 +122,14 @@ def parse_index(obj: Any, source: str) -> Index:
     if not isinstance(obj, dict):
         raise IndexFormatError(f"{source}: top level is not a JSON object")
     if obj.get("format") != FORMAT_NAME:
-        raise IndexFormatError(f"{source}: field 'format' is {obj.get('format')!r}, not {FORMAT_NAME!r}")
+        raise IndexFormatError(
+            f"{source}: field 'format' is {obj.get('format')!r}, not {FORMAT_NAME!r}"
+        )
     version = _field(obj, "version", int, source)
     if version != FORMAT_VERSION:
-        raise IndexFormatError(f"{source}: index version {version} is not supported (this reader: 1)")
+        raise IndexFormatError(
+            f"{source}: index version {version} is not supported (this reader: 1)"
+        )
     columns = _field(obj, "columns", dict, source)
     if not columns:
         raise IndexFormatError(f"{source}: 'columns' is empty")

@@ -18,9 +18,13 @@ def find_parts(paths: Sequence[str | os.PathLike]) -> list[Path]:
         if (path / INDEX_NAME).is_file():
             parts.append(path)
             continue
-        subs = sorted(p for p in path.iterdir() if (p / INDEX_NAME).is_file()) if path.is_dir() else []
+        subs = (
+            sorted(p for p in path.iterdir() if (p / INDEX_NAME).is_file()) if path.is_dir() else []
+        )
         if not subs:
-            raise FileNotFoundError(f"{path}: neither a dataset (no {INDEX_NAME}) nor a folder of them")
+            raise FileNotFoundError(
+                f"{path}: neither a dataset (no {INDEX_NAME}) nor a folder of them"
+            )
         parts.extend(subs)
     return parts
 

@@ -49,8 +49,13 @@ class ShardReader:
     downloads into the cache first.
     """
 
-    def __init__(self, folder: str | os.PathLike, index: Index, max_open: int = 8,
-                 locate: Callable[[int], Path] | None = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        index: Index,
+        max_open: int = 8,
+        locate: Callable[[int], Path] | None = None,
+    ):
         self.folder = Path(folder)
         self.index = index
         self.max_open = max(1, max_open)

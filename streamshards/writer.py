@@ -13,8 +13,18 @@ from streamshards.columns import encode, parse_column_type
 from streamshards.format import build_shard, compress, stored_hash
 from streamshards.index import INDEX_NAME, Index, ShardInfo, creation_time, write_index
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str | None) -> int | None:
@@ -88,7 +98,9 @@ class ShardWriter:
             raise RuntimeError("ShardWriter is closed")
         missing = [name for name in self.columns if name not in sample]
         if missing:
-            raise ValueError(f"sample is missing column(s) {missing}; columns: {list(self.columns)}")
+            raise ValueError(
+                f"sample is missing column(s) {missing}; columns: {list(self.columns)}"
+            )
         extra = [name for name in sample if name not in self.columns]
         if extra:
             raise ValueError(f"sample has unknown column(s) {extra}; columns: {list(self.columns)}")
@@ -120,8 +132,14 @@ class ShardWriter:
             os.fsync(f.fileno())
         os.replace(tmp, self.out / name)
         self.shards.append(
-            ShardInfo(name, self._count, len(raw), len(stored), stored_hash(stored),
-                      "zstd" if self.level is not None else None)
+            ShardInfo(
+                name,
+                self._count,
+                len(raw),
+                len(stored),
+                stored_hash(stored),
+                "zstd" if self.level is not None else None,
+            )
         )
         self._buffers = [[] for _ in self.types]
         self._count = 0

@@ -1,0 +1,360 @@
+"""StreamingDataset: one or more streams of shards read in a deterministic, resumable order.
+
+The dataset composes the pure order (``streamshards.order``) with shard sources
+(``streamshards.source``). Its iteration state is (epoch, samples_seen): where the next
+global batch starts. See docs/ORDER.md for the order and the resume rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+import xxhash
+from torch.utils.data import IterableDataset, get_worker_info
+
+from streamshards.format import ShardView
+from streamshards.order import (
+    EpochOrder,
+    allocate,
+    batch_positions,
+    epoch_end,
+    epoch_spans,
+    rank_batches,
+    stream_spans,
+)
+from streamshards.reader import open_shard
+from streamshards.source import ShardSource, open_source
+
+STATE_VERSION = 1
+
+
+@dataclass
+class Stream:
+    """One dataset in a mixture, with how many of its samples an epoch takes.
+
+    ``proportion``: share of ``epoch_size`` (all streams then need one); ``repeat``: a
+    multiple of the stream's size (0.5 down-samples, 2 up-samples); ``choose``: an absolute
+    count per epoch. None of them: every sample once.
+    """
+
+    local: str | os.PathLike | None = None
+    remote: str | None = None
+    proportion: float | None = None
+    repeat: float | None = None
+    choose: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        given = [x is not None for x in (self.proportion, self.repeat, self.choose)]
+        if sum(given) > 1:
+            raise ValueError("a Stream takes at most one of proportion, repeat, choose")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): torch.distributed if initialised, else RANK/WORLD_SIZE, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class StreamingDataset(IterableDataset):
+    """Samples from local or remote shards, exactly once per epoch across ranks and workers.
+
+    Iterating yields sample dicts in this rank's share of the global order, batch by batch
+    of ``batch_size``; a plain ``DataLoader(ds, batch_size=ds.batch_size)`` or
+    ``StreamingDataLoader(ds)`` gives the same batches for any ``num_workers``.
+    """
+
+    def __init__(
+        self,
+        local: str | os.PathLike | None = None,
+        remote: str | None = None,
+        *,
+        streams: Sequence[Stream] | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        batch_size: int = 1,
+        drop_last: bool = False,
+        num_partitions: int = 64,
+        shuffle_window: int = 65536,
+        epoch_size: int | None = None,
+        cache_limit: int | str | None = None,
+        prefetch: int = 4,
+        memory_budget: int | str = "2GiB",
+    ):
+        from streamshards.writer import parse_size
+
+        if streams is None:
+            streams = [Stream(local=local, remote=remote)]
+        elif local is not None or remote is not None:
+            raise ValueError("give either local=/remote= or streams=, not both")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.streams = list(streams)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.drop_last = drop_last
+        self.num_partitions = int(num_partitions)
+        self.shuffle_window = int(shuffle_window)
+        self.memory_budget = parse_size(memory_budget)
+        self.sources: list[ShardSource] = [
+            open_source(s.remote, s.local, **_source_options(s, cache_limit, prefetch))
+            for s in self.streams
+        ]
+        first = self.sources[0].index.columns
+        for stream, source in zip(self.streams, self.sources):
+            if source.index.columns != first:
+                raise ValueError(
+                    f"stream {stream.local or stream.remote} has columns {source.index.columns}, "
+                    f"the first stream has {first}"
+                )
+        self.columns = dict(first)
+        self.column_types = self.sources[0].index.column_types
+        self.stream_starts = np.cumsum([0] + [s.index.num_samples for s in self.sources])
+        self.take = self._take_per_stream(epoch_size)
+        self.epoch_size = sum(self.take)
+        self.fingerprint = self._fingerprint()
+        self.epoch = 0
+        self.samples_seen = 0
+        self._order: EpochOrder | None = None
+        self._views: OrderedDict[tuple[int, int], ShardView] = OrderedDict()
+        self._view_bytes = 0
+
+    def _take_per_stream(self, epoch_size: int | None) -> list[int]:
+        sizes = [s.index.num_samples for s in self.sources]
+        props = [s.proportion for s in self.streams]
+        if any(p is not None for p in props):
+            if any(p is None for p in props):
+                raise ValueError("when one stream has a proportion, every stream needs one")
+            return allocate(props, sum(sizes) if epoch_size is None else int(epoch_size))
+        if epoch_size is not None:
+            raise ValueError("epoch_size goes with proportion= on the streams")
+        take = []
+        for stream, size in zip(self.streams, sizes):
+            if stream.choose is not None:
+                take.append(int(stream.choose))
+            elif stream.repeat is not None:
+                take.append(round(stream.repeat * size))
+            else:
+                take.append(size)
+        return take
+
+    def order_config(self) -> dict[str, Any]:
+        """Everything besides the data that decides the global order (saved in the state)."""
+        return {
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_partitions": self.num_partitions,
+            "shuffle_window": self.shuffle_window,
+            "drop_last": self.drop_last,
+            "take": self.take,
+        }
+
+    def _fingerprint(self) -> str:
+        digest = xxhash.xxh3_64()
+        for source in self.sources:
+            for info in source.index.shards:
+                digest.update(f"{info.hash}:{info.samples};".encode())
+            digest.update(b"|")
+        digest.update(json.dumps(self.order_config(), sort_keys=True).encode())
+        return digest.hexdigest()
+
+    # Random access -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Samples across all streams: the domain of ``ds[i]``."""
+        return int(self.stream_starts[-1])
+
+    def __getitem__(self, sample_id: int) -> dict:
+        """Sample ``sample_id`` of the streams' concatenation, in O(log shards)."""
+        if not 0 <= sample_id < len(self):
+            raise IndexError(f"sample {sample_id} out of range 0..{len(self) - 1}")
+        stream = int(np.searchsorted(self.stream_starts, sample_id, side="right")) - 1
+        shard, j = self.sources[stream].index.shard_of(sample_id - int(self.stream_starts[stream]))
+        return self._view(stream, shard).sample(j)
+
+    def _view(self, stream: int, shard: int) -> ShardView:
+        key = (stream, shard)
+        view = self._views.get(key)
+        if view is not None:
+            self._views.move_to_end(key)
+            return view
+        source = self.sources[stream]
+        info = source.index.shards[shard]
+        view = open_shard(source.path(shard), info, source.index)
+        self._views[key] = view
+        self._view_bytes += info.raw_bytes if info.compression else 0
+        while len(self._views) > 1 and (
+            self._view_bytes > self.memory_budget or len(self._views) > 4096
+        ):
+            (old_stream, old_shard), _ = self._views.popitem(last=False)
+            old = self.sources[old_stream].index.shards[old_shard]
+            self._view_bytes -= old.raw_bytes if old.compression else 0
+            self.sources[old_stream].release(old_shard)
+        return view
+
+    # Order and state -----------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of ``epoch``."""
+        self.epoch, self.samples_seen = int(epoch), 0
+
+    def order(self, epoch: int) -> EpochOrder:
+        """The global order of ``epoch`` (built in O(shards), kept for the current epoch)."""
+        if self._order is None or self._order.epoch != epoch:
+            spans = [
+                stream_spans(
+                    k, np.array([s.samples for s in src.index.shards]), take, self.seed, epoch
+                )
+                for k, (src, take) in enumerate(zip(self.sources, self.take))
+            ]
+            self._order = EpochOrder(
+                epoch_spans(spans, self.shuffle, self.seed, epoch),
+                self.shuffle,
+                self.seed,
+                epoch,
+                self.num_partitions,
+                self.shuffle_window,
+            )
+        return self._order
+
+    def epoch_end(self) -> int:
+        """Positions delivered per epoch at the current world size (see ``order.epoch_end``)."""
+        _, world_size = world()
+        return epoch_end(self.epoch_size, self.batch_size * world_size, world_size, self.drop_last)
+
+    def state_dict(self, num_samples_seen: int, epoch: int | None = None) -> dict[str, Any]:
+        """A resumable state after ``num_samples_seen`` samples (all ranks) of ``epoch``."""
+        epoch = self.epoch if epoch is None else epoch
+        if num_samples_seen >= self.epoch_end():
+            epoch, num_samples_seen = epoch + 1, 0
+        return {
+            "version": STATE_VERSION,
+            "epoch": int(epoch),
+            "samples_seen": int(num_samples_seen),
+            "fingerprint": self.fingerprint,
+            "order": self.order_config(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; refuse one saved for other data or another order config."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        mine = self.order_config()
+        saved = state.get("order", {})
+        changed = [k for k in mine if saved.get(k) != mine[k]]
+        if changed:
+            diffs = ", ".join(f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in changed)
+            raise ValueError(f"loader state was saved with a different order config ({diffs})")
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"loader state was saved for different data (fingerprint "
+                f"{state.get('fingerprint')}, this dataset {self.fingerprint}): shards were added,"
+                " removed or rewritten"
+            )
+        self.epoch, self.samples_seen = int(state["epoch"]), int(state["samples_seen"])
+
+    # Iteration -----------------------------------------------------------------------------
+
+    def position_batches(self) -> Iterator[np.ndarray]:
+        """Global positions of each batch this rank and data-loader worker reads this epoch.
+
+        Worker ``i`` of ``w`` takes the rank's batches ``i, i + w, ...``, which is the order
+        in which a DataLoader collects them, so batches do not depend on ``num_workers``.
+        """
+        rank, world_size = world()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        end = self.epoch_end()
+        if self.samples_seen > end:
+            raise ValueError(f"samples_seen {self.samples_seen} is past the epoch's end {end}")
+        if end < self.epoch_size and not self.drop_last and rank == 0 and worker == 0:
+            warnings.warn(
+                f"the last {self.epoch_size - end} samples of epoch {self.epoch} are fewer than "
+                f"the {world_size} ranks and are dropped",
+                stacklevel=2,
+            )
+        first, num_batches = rank_batches(self.samples_seen, end, rank, world_size, self.batch_size)
+        rank_end = end if first < end else first
+        for batch in range(worker, num_batches, workers):
+            yield batch_positions(first, batch, rank_end, world_size, self.batch_size)
+
+    def _hint(self, batches: list[np.ndarray], order: EpochOrder) -> None:
+        streams, shards, _ = order.locate(np.concatenate(batches))
+        for k, source in enumerate(self.sources):
+            wanted = shards[streams == k]
+            if len(wanted):
+                _, first = np.unique(wanted, return_index=True)
+                source.prefetch([int(s) for s in wanted[np.sort(first)]])
+
+    def iter_batches(self, lookahead: int = 4) -> Iterator[dict[str, Any]]:
+        """This rank's (and worker's) batches as dicts of column arrays or lists.
+
+        The shards of the next ``lookahead`` batches are handed to the sources to prefetch.
+        """
+        order = self.order(self.epoch)
+        upcoming = self.position_batches()
+        pending = deque(islice(upcoming, lookahead + 1))
+        if pending:
+            self._hint(list(pending), order)
+        while pending:
+            positions = pending.popleft()
+            for later in islice(upcoming, 1):
+                pending.append(later)
+                self._hint([later], order)
+            yield self.read(*order.locate(positions))
+        if get_worker_info() is None:
+            self.set_epoch(self.epoch + 1)
+
+    def read(self, streams: np.ndarray, shards: np.ndarray, js: np.ndarray) -> dict[str, Any]:
+        """Gather samples (stream, shard, index) into one batch: arrays for fixed-size columns."""
+        keys = streams * (1 << 40) + shards
+        groups = [(int(key), keys == key) for key in np.unique(keys)]
+        views = {key: self._view(key >> 40, key & ((1 << 40) - 1)) for key, _ in groups}
+        batch: dict[str, Any] = {}
+        for col, (name, ctype) in enumerate(zip(self.columns, self.column_types)):
+            if ctype.array is not None:
+                dtype, shape = ctype.array
+                out = np.empty((len(js), *shape), dtype=dtype)
+                for key, mask in groups:
+                    out[mask] = views[key].fixed_array(col)[js[mask]]
+                batch[name] = out
+            else:
+                values: list[Any] = [None] * len(js)
+                for key, mask in groups:
+                    view = views[key]
+                    for slot in np.flatnonzero(mask):
+                        values[slot] = view.value(col, int(js[slot]))
+                batch[name] = values
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        scalars = [
+            n for n, t in zip(self.columns, self.column_types) if t.kind in ("int64", "float64")
+        ]
+        for batch in self.iter_batches():
+            for name in scalars:
+                batch[name] = batch[name].tolist()
+            size = len(next(iter(batch.values())))
+            for k in range(size):
+                yield {name: values[k] for name, values in batch.items()}
+
+    def wait_seconds(self) -> float:
+        """Seconds this process waited on shard downloads."""
+        return sum(source.wait_seconds() for source in self.sources)
+
+
+def _source_options(stream: Stream, cache_limit, prefetch) -> dict[str, Any]:
+    if stream.remote is None or stream.remote.startswith("file://") and stream.local is None:
+        return {}
+    return {"cache_limit": cache_limit, "prefetch": prefetch, **stream.options}

@@ -1,0 +1,76 @@
+"""StreamingDataLoader: a DataLoader over a StreamingDataset that saves and restores its place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from streamshards.dataset import StreamingDataset, world
+
+
+class _Batches(IterableDataset):
+    """The dataset's batches, already gathered, for a DataLoader with ``batch_size=None``."""
+
+    def __init__(self, dataset: StreamingDataset):
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.dataset.iter_batches():
+            yield {
+                k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()
+            }
+
+
+class StreamingDataLoader(DataLoader):
+    """A DataLoader whose ``state_dict()`` is where the next global batch starts.
+
+    Batches are gathered inside the dataset (one array per fixed-size column), so the
+    loader's batch size is the dataset's ``batch_size``. Counting happens where batches
+    reach the caller, so batches that workers prefetched but nobody consumed are not lost.
+    """
+
+    def __init__(self, dataset: StreamingDataset, num_workers: int = 0, **kwargs: Any):
+        if kwargs.get("persistent_workers"):
+            raise ValueError(
+                "StreamingDataLoader restarts its workers each epoch; "
+                "persistent_workers is not supported"
+            )
+        for key in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
+            if key in kwargs:
+                raise ValueError(f"set {key} on the StreamingDataset, not on the loader")
+        super().__init__(_Batches(dataset), batch_size=None, num_workers=num_workers, **kwargs)
+        self.streaming = dataset
+        self.epoch = dataset.epoch
+        self.samples_seen = dataset.samples_seen
+        self.wait_seconds = 0.0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset = self.streaming
+        dataset.epoch, dataset.samples_seen = self.epoch, self.samples_seen
+        _, world_size = world()
+        global_batch = dataset.batch_size * world_size
+        end = dataset.epoch_end()
+        batches = super().__iter__()
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            self.wait_seconds += time.perf_counter() - started
+            if batch is None:
+                break
+            self.samples_seen = min(self.samples_seen + global_batch, end)
+            yield batch
+        self.epoch, self.samples_seen = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values: epoch, samples consumed by all ranks this epoch, and fingerprints."""
+        return self.streaming.state_dict(self.samples_seen, self.epoch)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` was saved (any world size, any ``num_workers``)."""
+        self.streaming.load_state_dict(state)
+        self.epoch, self.samples_seen = self.streaming.epoch, self.streaming.samples_seen
