@@ -110,7 +110,7 @@ def _as_array(value: Any, ctype: ColumnType, column: str) -> np.ndarray:
         arr = arr.astype(target)
     if ctype.shape is not None and arr.shape != ctype.shape:
         raise ValueError(f"column {column!r}: shape {arr.shape} does not match {ctype}")
-    return np.ascontiguousarray(arr)
+    return arr
 
 
 def encode(value: Any, ctype: ColumnType, column: str) -> bytes:
