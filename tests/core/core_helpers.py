@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +77,10 @@ def assert_same_sample(expected: dict, actual: dict, columns: dict[str, str], wh
         assert same_value(expected[name], actual[name], ctype), (
             f"{where}: column {name!r} ({ctype}) wrote {expected[name]!r}, read {actual[name]!r}"
         )
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the installed ``streamshards`` console script as a user would."""
+    command = shutil.which("streamshards")
+    assert command, "the streamshards console script is not installed (pip install -e .)"
+    return subprocess.run([command, *args], capture_output=True, text=True, timeout=120)
