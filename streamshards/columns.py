@@ -99,14 +99,17 @@ def _as_array(value: Any, ctype: ColumnType, column: str) -> np.ndarray:
     """Convert a value to a little-endian array of the column's dtype, refusing lossy casts."""
     arr = np.asarray(value)
     target = ctype.dtype
-    if arr.dtype != target:
+    if arr.dtype != target and arr.size:
         if arr.dtype.kind in "iub" and target.kind in "iub":
-            if arr.size and (arr.min() < np.iinfo(target).min if target.kind != "b" else False):
+            bounds = np.iinfo(target) if target.kind != "b" else None
+            low, high = (bounds.min, bounds.max) if bounds else (0, 1)
+            if arr.min() < low:
                 raise ValueError(f"column {column!r}: value below the range of {target.name}")
-            if arr.size and target.kind != "b" and arr.max() > np.iinfo(target).max:
+            if arr.max() > high:
                 raise ValueError(f"column {column!r}: value above the range of {target.name}")
         elif not (arr.dtype.kind in "iubf" and target.kind == "f"):
             raise ValueError(f"column {column!r}: array of dtype {arr.dtype} does not fit {ctype}")
+    if arr.dtype != target:
         arr = arr.astype(target)
     if ctype.shape is not None and arr.shape != ctype.shape:
         raise ValueError(f"column {column!r}: shape {arr.shape} does not match {ctype}")

@@ -24,7 +24,9 @@ def open_shard(path: Path, info: ShardInfo, index: Index) -> ShardView:
         raise ShardError(f"shard {info.file}: file {path} is missing") from None
     if size != info.stored_bytes:
         raise ShardError(
-            f"shard {info.file}: file is {size} bytes, index says {info.stored_bytes} (truncated?)"
+            f"shard {info.file}: file is {size} bytes, index says {info.stored_bytes} "
+            f"(truncated?); hash: index says xxh3_64={info.hash}, "
+            f"file has {stored_hash(Path(path).read_bytes())}"
         )
     if size == 0:
         data: bytes | mmap.mmap = b""
