@@ -31,3 +31,9 @@ def small_data(tmp_path_factory) -> Path:
 def mix_data(tmp_path_factory) -> list[Path]:
     base = tmp_path_factory.mktemp("mix")
     return [write_dataset(base / "a", 0, 300), write_dataset(base / "b", 1, 120)]
+
+
+@pytest.fixture
+def make_dataset():
+    """The ``write_dataset`` function, for tests that need their own dataset."""
+    return write_dataset

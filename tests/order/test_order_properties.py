@@ -1,0 +1,102 @@
+"""Property tests of the pure order functions: permutation, partition, exact counts."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamshards.order import (
+    EpochOrder,
+    allocate,
+    batch_positions,
+    epoch_end,
+    epoch_spans,
+    rank_batches,
+    stream_spans,
+)
+
+shard_sizes = st.lists(st.integers(0, 40), min_size=1, max_size=12).filter(lambda s: sum(s) > 0)
+
+
+def _order(sizes, shuffle, seed, epoch, parts, window) -> EpochOrder:
+    spans = epoch_spans(
+        [stream_spans(0, np.array(sizes), sum(sizes), seed, epoch)], shuffle, seed, epoch
+    )
+    return EpochOrder(spans, shuffle, seed, epoch, parts, window)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    shard_sizes,
+    st.booleans(),
+    st.integers(0, 2**31),
+    st.integers(0, 5),
+    st.integers(1, 9),
+    st.integers(1, 50),
+)
+def test_epoch_order_is_a_permutation(sizes, shuffle, seed, epoch, parts, window):
+    order = _order(sizes, shuffle, seed, epoch, parts, window)
+    total = sum(sizes)
+    streams, shards, js = order.locate(np.arange(total))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    global_ids = starts[shards] + js
+    assert sorted(global_ids.tolist()) == list(range(total))
+    assert np.all(js < np.array(sizes)[shards]) and np.all(streams == 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shard_sizes, st.integers(0, 1000), st.integers(1, 9), st.integers(1, 50))
+def test_lookups_agree_in_any_order_and_grouping(sizes, seed, parts, window):
+    """A position maps to the same sample however lookups are batched (lazy = eager)."""
+    total = sum(sizes)
+    eager = _order(sizes, True, seed, 1, parts, window).concat_positions(np.arange(total))
+    lazy = _order(sizes, True, seed, 1, parts, window)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(total)
+    for chunk in np.array_split(perm, max(1, total // 7)):
+        assert np.array_equal(lazy.concat_positions(chunk), eager[chunk])
+
+
+@settings(max_examples=100, deadline=None)
+@given(shard_sizes, st.integers(0, 200), st.integers(0, 99), st.integers(0, 3))
+def test_stream_spans_take_exact_counts(sizes, take, seed, epoch):
+    spans = stream_spans(3, np.array(sizes), take, seed, epoch)
+    assert spans.total == take
+    total = sum(sizes)
+    copies, rest = divmod(take, total)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    counts = np.zeros(total, dtype=int)
+    for shard, start, count in zip(spans.shard, spans.start, spans.count):
+        counts[starts[shard] + start : starts[shard] + start + count] += 1
+    assert counts.min() >= copies and counts.max() <= copies + (1 if rest else 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0.01, 10), min_size=1, max_size=6), st.integers(0, 10**9))
+def test_allocate_sums_exactly(weights, total):
+    parts = allocate(weights, total)
+    assert sum(parts) == total
+    exact = np.array(weights) / sum(weights) * total
+    assert np.all(np.abs(np.array(parts) - exact) < 1 + 1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 500), st.integers(1, 9), st.integers(1, 9), st.booleans(), st.integers(0, 30))
+def test_ranks_cover_each_position_once(epoch_size, world, batch, drop_last, start_batches):
+    """Rank r reads start + r + kW: together the ranks cover [start, end) exactly once."""
+    end = epoch_end(epoch_size, batch * world, world, drop_last)
+    start = min(start_batches * batch * world, end - end % (batch * world))
+    seen = []
+    batch_counts = set()
+    for rank in range(world):
+        first, count = rank_batches(start, end, rank, world, batch)
+        batch_counts.add(count)
+        rank_end = end if first < end else first
+        for b in range(count):
+            positions = batch_positions(first, b, rank_end, world, batch)
+            assert 0 < len(positions) <= batch
+            seen.extend(positions.tolist())
+    assert sorted(seen) == list(range(start, end))
+    assert len(batch_counts) == 1, "ranks would yield different numbers of batches"
+    assert end >= epoch_size - epoch_size % (batch * world)
