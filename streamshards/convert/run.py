@@ -1,0 +1,428 @@
+"""The convert job: inputs cut into units, units processed in parallel, packed in order, resumable.
+
+Design (docs/CONVERT.md): the main process reads every input in order and cuts it into units
+of whole records; workers turn units into spill files in ``OUT/.convert-work`` (each file
+appears atomically when its unit is done); the main process feeds finished units, strictly
+in input order, to one ShardWriter. Shard bytes therefore depend only on the inputs and the
+options, never on the number of workers or on timing, and a killed job re-run with the same
+arguments reuses every finished unit and rewrites the same shards. The index comes last.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import xxhash
+
+from streamshards import __version__
+from streamshards.convert.documents import DocumentRules
+from streamshards.convert.errors import ConvertError
+from streamshards.convert.inputs import FileReport, InputFile, find_inputs, read_units
+from streamshards.convert.pack import Deduper, RawPacker, TokenPacker
+from streamshards.convert.spill import WorkFolder, read_spill
+from streamshards.convert.tokenize import TokenizerInfo, describe_tokenizer
+from streamshards.convert.worker import UnitProcessor, WorkerSetup, init_worker, process_unit
+from streamshards.index import INDEX_NAME, IndexFormatError, load_index
+from streamshards.writer import ShardWriter, parse_compression, parse_size
+
+DEDUP_RULE = "exact: xxh3-128 of the text lowercased, whitespace runs collapsed; first kept"
+_SHARD_FILE = re.compile(r"^\.?shard\.\d{6}\.ssd(\.zst)?(\.tmp)?$")
+
+
+@dataclass
+class ConvertOptions:
+    """The options of ``streamshards convert``; see ``streamshards convert --help``."""
+
+    inputs: Sequence[str]
+    out: str
+    text_field: str = "text"
+    keep_fields: Sequence[str] = ()
+    compression: str | None = "zstd"
+    size_limit: str | int = "64MB"
+    workers: int | None = None
+    on_error: str = "fail"
+    txt_per_line: bool = False
+    tokenizer: str | None = None
+    seq_len: int = 2048
+    eos_id: int | None = None
+    bos_id: int | None = None
+    tail: str = "drop"
+    min_chars: int | None = None
+    max_chars: int | None = None
+    dedup: bool = False
+    user_filter: str | None = None
+    unit_size: str | int = "2MB"
+    overwrite: bool = False
+
+
+@dataclass
+class Progress:
+    """Where a running job is: input bytes consumed (of the total), documents and tokens."""
+
+    bytes_done: int
+    bytes_total: int
+    documents: int
+    tokens: int
+
+
+@dataclass
+class ConvertResult:
+    """What a finished job did, for the summary table."""
+
+    out: str
+    documents_read: int = 0
+    documents_written: int = 0
+    samples: int = 0
+    tokens: int = 0
+    shards: int = 0
+    bytes_in: int = 0
+    bytes_read: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    units: int = 0
+    units_reused: int = 0
+    dropped: dict = field(default_factory=dict)
+    bad_records: dict = field(default_factory=dict)
+    already_done: bool = False
+
+
+def parse_keep_fields(specs: Sequence[str], text_field: str) -> tuple[tuple[str, str], ...]:
+    """``url``, ``timestamp`` or ``meta:json`` -> ((name, column type), ...)."""
+    fields = []
+    for spec in specs:
+        name, _, ctype = spec.partition(":")
+        ctype = ctype or "str"
+        if not name or ctype not in ("str", "json"):
+            raise ConvertError(f"--keep-fields {spec!r}: expected NAME or NAME:json")
+        if name in ("text", text_field) or name in (f for f, _ in fields):
+            raise ConvertError(f"--keep-fields {spec!r}: column {name!r} is already kept")
+        fields.append((name, ctype))
+    return tuple(fields)
+
+
+class ConvertJob:
+    """One run of convert; ``run()`` does the whole job (or resumes it) and returns a result."""
+
+    def __init__(self, options: ConvertOptions, progress: Callable[[Progress], None] | None = None):
+        self.options = options
+        self.report_progress = progress or (lambda p: None)
+        self.out = Path(options.out)
+        self._check_options()
+        self.inputs: list[InputFile] = find_inputs(options.inputs)
+        self.unit_bytes = parse_size(options.unit_size)
+        self.keep_fields = parse_keep_fields(options.keep_fields, options.text_field)
+        self.tokenizer: TokenizerInfo | None = None
+        if options.tokenizer:
+            self.tokenizer = describe_tokenizer(options.tokenizer, options.eos_id, options.bos_id)
+        self.rules = DocumentRules(
+            text_field=options.text_field,
+            keep_fields=self.keep_fields,
+            txt_per_line=options.txt_per_line,
+            on_error=options.on_error,
+            min_chars=options.min_chars,
+            max_chars=options.max_chars,
+            user_filter=options.user_filter,
+            dedup=options.dedup,
+        )
+        self.job = self._describe_job()
+        self.job_id = xxhash.xxh3_64_hexdigest(repr(sorted(self.job.items())).encode("utf-8"))
+        self.work = WorkFolder(self.out)
+        self.result = ConvertResult(str(self.out))
+
+    def _check_options(self) -> None:
+        o = self.options
+        if o.on_error not in ("fail", "skip"):
+            raise ConvertError(f"--on-error {o.on_error!r}: expected fail or skip")
+        if o.tail not in ("drop", "pad"):
+            raise ConvertError(f"--tail {o.tail!r}: expected drop or pad")
+        if o.workers is not None and o.workers < 1:
+            raise ConvertError(f"--workers {o.workers}: need at least 1")
+        if o.seq_len < 1:
+            raise ConvertError(f"--seq-len {o.seq_len}: need at least 1")
+        if o.tokenizer and o.keep_fields:
+            raise ConvertError(
+                "--keep-fields applies to raw mode only: packed sequences span documents"
+            )
+        try:
+            parse_compression(o.compression)
+            if not parse_size(o.unit_size) or not parse_size(o.size_limit):
+                raise ValueError("sizes must be positive")
+        except ValueError as err:
+            raise ConvertError(str(err)) from None
+
+    def _describe_job(self) -> dict:
+        """Everything that decides the output bytes; a work folder is reused only for the same."""
+        options = asdict(self.options)
+        for name in ("inputs", "out", "workers", "overwrite", "tokenizer"):
+            options.pop(name)
+        options["keep_fields"] = list(self.keep_fields)
+        options["unit_bytes"] = self.unit_bytes
+        stats = [os.stat(f.path) for f in self.inputs]
+        return {
+            "tool": __version__,
+            "inputs": [[f.path, s.st_size, s.st_mtime_ns] for f, s in zip(self.inputs, stats)],
+            "tokenizer": self.tokenizer.xxh3_64 if self.tokenizer else None,
+            "options": options,
+        }
+
+    def _columns(self) -> dict[str, str]:
+        if self.tokenizer:
+            return {"tokens": f"ndarray:{self.tokenizer.dtype.name}:{self.options.seq_len}"}
+        return {"text": "str", **dict(self.keep_fields)}
+
+    def run(self) -> ConvertResult:
+        """Convert (or finish converting) everything; raises ConvertError on bad input."""
+        start = time.perf_counter()
+        if self._already_done():
+            return self.result
+        done, _ = self.work.open(self.job)
+        self.done = done
+        self.writer = ShardWriter(
+            self.out,
+            self._columns(),
+            self.options.compression,
+            self.options.size_limit,
+            overwrite=True,
+        )
+        dedup = Deduper() if self.options.dedup else None
+        if self.tokenizer:
+            self.packer = TokenPacker(
+                self.writer,
+                self.options.seq_len,
+                self.tokenizer.dtype,
+                self.tokenizer.bos_id,
+                self.tokenizer.eos_id,
+                dedup,
+            )
+        else:
+            self.packer = RawPacker(self.writer, 1 + len(self.keep_fields), dedup)
+        self.dropped: Counter = Counter()
+        self.bad: Counter = Counter()
+        self.reports: list[FileReport] = []
+        self._process_all()
+        self._finish(start)
+        return self.result
+
+    def _already_done(self) -> bool:
+        """True when OUT already holds this very job's dataset (a re-run after success)."""
+        if not (self.out / INDEX_NAME).exists():
+            return False
+        try:
+            provenance = load_index(self.out).provenance
+        except (IndexFormatError, OSError):
+            provenance = {}
+        if provenance.get("job") == self.job_id:
+            self.work.remove()
+            self.result.already_done = True
+            return True
+        if not self.options.overwrite:
+            raise ConvertError(
+                f"{self.out} already holds a dataset; pass --overwrite to replace it"
+            )
+        return False
+
+    def _executor(self):
+        workers = self.options.workers or os.cpu_count() or 1
+        setup = WorkerSetup(self.rules, self.tokenizer)
+        if workers == 1:
+            return _InlineExecutor(setup)
+        # fork starts workers at once with the package already imported; elsewhere, spawn.
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        return ProcessPoolExecutor(
+            workers, mp_context=get_context(method), initializer=init_worker, initargs=(setup,)
+        )
+
+    def _process_all(self) -> None:
+        """Read units in order, hand unfinished ones to workers, pack finished ones in order."""
+        workers = self.options.workers or os.cpu_count() or 1
+        in_flight = 2 * workers + 1
+        pending: deque[tuple[str, int, Future | None]] = deque()
+        self.bytes_before = 0
+        executor = self._executor()
+        try:
+            for number, source in enumerate(self.inputs):
+                report = FileReport(source.size)
+                self.reports.append(report)
+                units = read_units(
+                    source, number, self.unit_bytes, self.options.txt_per_line, report
+                )
+                for unit in units:
+                    if unit.read_error and self.options.on_error == "fail":
+                        raise ConvertError(
+                            f"{unit.read_error} (use --on-error skip to keep what was readable)"
+                        )
+                    if unit.name in self.done:
+                        future = None
+                        self.result.units_reused += 1
+                    else:
+                        future = executor.submit(
+                            process_unit,
+                            source.kind,
+                            unit.payload,
+                            source.path,
+                            unit.first_line,
+                            self.work.spill_path(unit.name),
+                        )
+                    pending.append((unit.name, self.bytes_before + unit.end_pos, future))
+                    while len(pending) >= in_flight:
+                        self._pack(*pending.popleft())
+                self.bytes_before += source.size
+            while pending:
+                self._pack(*pending.popleft())
+        except BrokenProcessPool:
+            raise ConvertError(
+                "a worker process died (out of memory?); run the same command again to resume"
+            ) from None
+        finally:
+            for _, _, future in pending:
+                if future is not None:
+                    future.cancel()
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def _pack(self, name: str, bytes_done: int, future: Future | None) -> None:
+        if future is not None:
+            future.result()
+        stats, arrays = read_spill(self.work.spill_path(name))
+        duplicates = self.packer.add(arrays)
+        result = self.result
+        result.units += 1
+        result.documents_read += stats["read"]
+        result.documents_written += stats["kept"] - duplicates
+        result.bytes_read += stats["bytes_read"]
+        result.tokens += stats["tokens"]
+        self.dropped.update(stats["dropped"])
+        self.bad.update(stats["errors"])
+        if duplicates:
+            self.dropped["duplicate"] += duplicates
+        total = sum(f.size for f in self.inputs)
+        self.report_progress(Progress(bytes_done, total, result.documents_written, result.tokens))
+
+    def _finish(self, start: float) -> None:
+        """Refuse an empty result; else record provenance, write the index, clean up."""
+        result = self.result
+        tail = None
+        if self.tokenizer:
+            pad_id = self.tokenizer.eos_id
+            if pad_id is None:
+                pad_id = self.tokenizer.bos_id
+            tail = self.packer.finish(self.options.tail, pad_id)
+        result.dropped = dict(sorted(self.dropped.items()))
+        result.bad_records = dict(sorted(self.bad.items()))
+        if self.packer.samples == 0:
+            self.work.remove()
+            self._remove_stale_shards(keep=set())
+            what = (
+                "documents" if not self.tokenizer else f"a full sequence of {self.options.seq_len}"
+            )
+            raise ConvertError(
+                f"no {what} to write: read {result.documents_read} documents from "
+                f"{len(self.inputs)} file(s), dropped {result.dropped or 'none'}, "
+                f"skipped bad records {result.bad_records or 'none'}; no dataset written"
+            )
+        self.writer.provenance.update(self._provenance(tail))
+        index = self.writer.close()
+        self._remove_stale_shards(keep={s.file for s in index.shards})
+        self.work.remove()
+        if self.tokenizer:
+            result.tokens = self.packer.document_tokens
+        result.samples = index.num_samples
+        result.shards = len(index.shards)
+        result.bytes_in = sum(f.size for f in self.inputs)
+        result.bytes_out = index.stored_bytes
+        result.seconds = time.perf_counter() - start
+
+    def _provenance(self, tail: dict | None) -> dict:
+        o = self.options
+        provenance = {
+            "source": "streamshards convert",
+            "job": self.job_id,
+            "inputs": [
+                {"file": f.path, "bytes": f.size, "xxh3_64": r.xxh3_64, "units": r.units}
+                | ({"read_error": r.read_error} if r.read_error else {})
+                for f, r in zip(self.inputs, self.reports)
+            ],
+            "options": {
+                "text_field": o.text_field,
+                "keep_fields": [f"{n}:{t}" for n, t in self.keep_fields],
+                "txt_per_line": o.txt_per_line,
+                "on_error": o.on_error,
+                "unit_bytes": self.unit_bytes,
+            },
+            "filters": {
+                "min_chars": o.min_chars,
+                "max_chars": o.max_chars,
+                "dedup": DEDUP_RULE if o.dedup else None,
+                "filter": o.user_filter,
+            },
+            "documents": {
+                "read": self.result.documents_read,
+                "written": self.result.documents_written,
+                "dropped": self.result.dropped,
+                "bad_records_skipped": self.result.bad_records,
+            },
+            "bytes_read": self.result.bytes_read,
+        }
+        if self.tokenizer:
+            packer = self.packer
+            provenance.update(
+                {
+                    "tokenizer": self.tokenizer.provenance(),
+                    "seq_len": o.seq_len,
+                    "total_tokens": packer.samples * o.seq_len,
+                    "document_tokens": packer.document_tokens,
+                    "packing": {
+                        "layout": _layout(self.tokenizer),
+                        "tail": tail,
+                    },
+                }
+            )
+        return provenance
+
+    def _remove_stale_shards(self, keep: set[str]) -> None:
+        """Shard files of an earlier, different or interrupted job that the index does not list."""
+        for entry in os.scandir(self.out):
+            if _SHARD_FILE.match(entry.name) and entry.name not in keep:
+                os.unlink(entry.path)
+        if not keep and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+
+def _layout(info: TokenizerInfo) -> str:
+    parts = (["BOS"] if info.bos_id is not None else []) + ["document"]
+    parts += ["EOS"] if info.eos_id is not None else []
+    return " ".join(parts) + ", repeated, cut every seq_len tokens"
+
+
+class _InlineExecutor:
+    """The one-worker case: units are processed in this process, as they are submitted."""
+
+    def __init__(self, setup: WorkerSetup):
+        self.processor = UnitProcessor(setup)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(self.processor.process(*args))
+        except BaseException as err:
+            future.set_exception(err)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        return None
+
+
+def convert(
+    options: ConvertOptions, progress: Callable[[Progress], None] | None = None
+) -> ConvertResult:
+    """Run a convert job (see ConvertOptions); resumes an interrupted one with the same options."""
+    return ConvertJob(options, progress).run()

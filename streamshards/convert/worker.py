@@ -1,0 +1,85 @@
+"""Work done per unit, in a worker process: documents -> encoded columns or tokens -> spill file.
+
+Each worker process builds one ``UnitProcessor`` (tokenizer and filter loaded once) and then
+handles units in any order; a unit's result depends on that unit alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streamshards.columns import encode, parse_column_type
+from streamshards.convert.documents import DocumentReader, DocumentRules
+from streamshards.convert.spill import write_spill
+from streamshards.convert.tokenize import Encoder, TokenizerInfo
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a worker needs, as plain values that travel to another process."""
+
+    rules: DocumentRules
+    tokenizer: TokenizerInfo | None
+
+
+class UnitProcessor:
+    """Turns one unit's payload into a spill file and returns the unit's counts."""
+
+    def __init__(self, setup: WorkerSetup):
+        self.setup = setup
+        self.reader = DocumentReader(setup.rules)
+        self.encoder = Encoder(setup.tokenizer) if setup.tokenizer else None
+        self.text_type = parse_column_type("str")
+        self.keep_types = [
+            (name, parse_column_type(t, name)) for name, t in setup.rules.keep_fields
+        ]
+
+    def process(self, kind: str, payload, path: str, first_line: int, spill: Path) -> dict:
+        docs = self.reader.read(kind, payload, path, first_line)
+        if isinstance(payload, bytes):
+            bytes_read = len(payload)
+        else:
+            bytes_read = sum(len(t.encode("utf-8")) for t in docs.texts)
+        arrays: dict[str, np.ndarray] = {}
+        if docs.hashes:
+            arrays["hashes"] = np.frombuffer(b"".join(docs.hashes), dtype=np.uint8)
+        tokens = 0
+        if self.encoder is not None:
+            arrays["lengths"], arrays["tokens"] = self.encoder.encode(docs.texts)
+            tokens = int(arrays["lengths"].sum())
+        else:
+            columns = [[encode(t, self.text_type, "text") for t in docs.texts]]
+            for k, (name, ctype) in enumerate(self.keep_types):
+                columns.append([encode(extra[k], ctype, name) for extra in docs.extras])
+            for k, values in enumerate(columns):
+                offsets = np.zeros(len(values) + 1, dtype=np.int64)
+                np.cumsum([len(v) for v in values], out=offsets[1:])
+                arrays[f"offsets{k}"] = offsets
+                arrays[f"data{k}"] = np.frombuffer(b"".join(values), dtype=np.uint8)
+        stats = {
+            "read": docs.read,
+            "kept": len(docs.texts),
+            "dropped": dict(docs.dropped),
+            "errors": dict(docs.errors),
+            "bytes_read": bytes_read,
+            "tokens": tokens,
+        }
+        write_spill(spill, stats, arrays)
+        return stats
+
+
+_processor: UnitProcessor | None = None
+
+
+def init_worker(setup: WorkerSetup) -> None:
+    """Process-pool initializer: build this process's UnitProcessor once."""
+    global _processor
+    _processor = UnitProcessor(setup)
+
+
+def process_unit(kind: str, payload, path: str, first_line: int, spill: Path) -> dict:
+    """Process-pool task: one unit through this process's UnitProcessor."""
+    return _processor.process(kind, payload, path, first_line, spill)
