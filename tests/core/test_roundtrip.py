@@ -84,7 +84,7 @@ def dataset(draw) -> tuple[dict[str, str], list[dict], int, str | None]:
     return columns, samples, size_limit, compression
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dataset())
 def test_every_column_type_round_trips(case) -> None:
     columns, samples, size_limit, compression = case
