@@ -1,0 +1,407 @@
+"""RemoteSource: a remote dataset mirrored into a cache folder shared by a whole node (S2-S5).
+
+Every rank and data-loader worker on a machine points at the same folder and coordinates
+through ``flock`` locks only, which the kernel drops when a process dies:
+
+    LOCAL/index.json          the remote index, fetched once per node (atomic rename)
+    LOCAL/<shard>             complete shards, renamed in only after their hash matched
+    LOCAL/.<shard>.part       a download in progress, or one left by a killed process
+    LOCAL/.locks/cache        exclusive: index fetch, space accounting, eviction
+    LOCAL/.locks/<shard>.get  exclusive: the one download of this shard
+    LOCAL/.locks/<shard>.use  shared: held by every process reading (or prefetching) the shard
+
+A lock file's existence never blocks anything; only a held lock does. docs/STORAGE.md has
+the protocol and the eviction rule.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from streamshards.format import ShardError, stored_hash
+from streamshards.index import INDEX_NAME, Index, ShardInfo, atomic_write, parse_index_bytes
+from streamshards.source import ShardSource
+from streamshards.storage import Progress, RetryPolicy, Storage, open_storage
+from streamshards.writer import parse_size
+
+log = logging.getLogger("streamshards.cache")
+LOCK_DIR = ".locks"
+DOWNLOAD_TRIES = 2
+
+
+def default_cache_dir(remote: str) -> Path:
+    """A cache folder under the system temp folder, the same for every process on the node."""
+    key = hashlib.sha256(remote.rstrip("/").encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "streamshards-cache" / key
+
+
+def file_hash(f) -> str:
+    """xxh3-64 of an open file's whole content, memory-mapped."""
+    f.flush()
+    if os.fstat(f.fileno()).st_size == 0:
+        return stored_hash(b"")
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return stored_hash(data)
+
+
+def download_verified(storage: Storage, info: ShardInfo, f, progress: Progress = None) -> None:
+    """Download a shard into ``f`` until size and hash match the index, at most twice (S2)."""
+    for attempt in range(1, DOWNLOAD_TRIES + 1):
+        size = storage.read_into(info.file, f, progress=progress)
+        actual = file_hash(f)
+        if size == info.stored_bytes and actual == info.hash:
+            return
+        log.warning(
+            "shard %s from %s: %d bytes with xxh3_64=%s, index says %d bytes with "
+            "xxh3_64=%s (download %d of %d)",
+            info.file,
+            storage.url,
+            size,
+            actual,
+            info.stored_bytes,
+            info.hash,
+            attempt,
+            DOWNLOAD_TRIES,
+        )
+    raise ShardError(
+        f"shard {info.file} from {storage.url_of(info.file)} is corrupt after "
+        f"{DOWNLOAD_TRIES} downloads: index says xxh3_64={info.hash} ({info.stored_bytes} "
+        f"bytes), downloaded file has xxh3_64={actual} ({size} bytes)"
+    )
+
+
+@contextmanager
+def flocked(path: Path, mode: int) -> Iterator[int | None]:
+    """Hold ``flock(mode)`` on ``path`` for the block; yields None if LOCK_NB found it taken."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            yield None
+            return
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class RemoteSource(ShardSource):
+    """Shards of ``remote`` fetched on demand and ahead of time into the node cache ``local``.
+
+    ``cache_limit`` (bytes or "20GB"; None = unlimited) bounds the folder: it exceeds the limit
+    by at most the shards some process is reading. ``prefetch`` is both the number of download
+    threads and how many hinted shards this process fetches ahead of its reads.
+    """
+
+    def __init__(
+        self,
+        remote: str,
+        local: str | os.PathLike | None = None,
+        cache_limit: int | str | None = None,
+        prefetch: int = 4,
+        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+    ):
+        self.remote = str(remote)
+        self.storage: Storage = open_storage(self.remote, retry, timeout)
+        self.local = Path(local) if local is not None else default_cache_dir(self.remote)
+        self.cache_limit = parse_size(cache_limit)
+        if self.cache_limit is not None and self.cache_limit < 0:
+            raise ValueError(f"cache_limit must be positive, got {cache_limit!r}")
+        self.prefetch_depth = max(0, int(prefetch))
+        (self.local / LOCK_DIR).mkdir(parents=True, exist_ok=True)
+        self.index = self._load_index()
+        self._reset_process_state()
+
+    # -- per-process state: rebuilt after fork or unpickling, never shared between processes
+    def _reset_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._cond = threading.Condition()
+        self._holds: dict[int, int] = {}  # shard -> fd holding LOCK_SH on its .use file
+        self._refs: Counter[int] = Counter()  # path() calls not yet released
+        self._pinned: set[int] = set()  # held for prefetch, not yet asked for by path()
+        self._inflight: set[int] = set()
+        self._wanted: list[int] = []
+        self._threads: list[threading.Thread] = []
+        self._waited = 0.0
+        self._closed = False
+
+    def _ensure_process(self) -> None:
+        if self._pid != os.getpid():
+            # Inherited descriptors share their lock with the parent: close, never unlock.
+            for fd in self._holds.values():
+                os.close(fd)
+            self._reset_process_state()
+
+    def __getstate__(self) -> dict:
+        keep = ("remote", "storage", "local", "cache_limit", "prefetch_depth", "index", "_sizes")
+        return {name: self.__dict__[name] for name in keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_process_state()
+
+    # -- paths of the cache layout
+    def _lock_path(self, name: str, kind: str) -> Path:
+        return self.local / LOCK_DIR / (f"{name}.{kind}" if kind else name)
+
+    def _cache_lock(self):
+        return flocked(self._lock_path("cache", ""), fcntl.LOCK_EX)
+
+    def _load_index(self) -> Index:
+        """Fetch index.json once per node: the first process downloads, the rest read it."""
+        path = self.local / INDEX_NAME
+        with self._cache_lock():
+            if path.exists():
+                index = parse_index_bytes(path.read_bytes(), str(path))
+            else:
+                data = self.storage.get_bytes(INDEX_NAME)
+                index = parse_index_bytes(data, self.storage.url_of(INDEX_NAME))
+                self._drop_mismatched(index)
+                atomic_write(path, data)
+            self._sizes = {info.file: info.stored_bytes for info in index.shards}
+            self._scan()
+        return index
+
+    def _drop_mismatched(self, index: Index) -> None:
+        """Remove cached shards left from another version of the dataset (new index only)."""
+        for info in index.shards:
+            target = self.local / info.file
+            if not target.exists():
+                continue
+            with open(target, "rb") as f:
+                if os.fstat(f.fileno()).st_size == info.stored_bytes and file_hash(f) == info.hash:
+                    continue
+            log.info("cache %s: dropping %s, which does not match the index", self.local, info.file)
+            target.unlink()
+
+    # -- the consumer interface
+    def path(self, shard: int) -> Path:
+        """The verified local file of ``shard``, downloading it (once per node) if needed.
+
+        The shard stays protected from eviction until ``release(shard)``.
+        """
+        self._ensure_process()
+        info = self.index.shards[shard]
+        target = self.local / info.file
+        start = time.perf_counter()
+        with self._cond:
+            self._refs[shard] += 1
+            self._pinned.discard(shard)
+        try:
+            self._hold(shard)
+            if target.exists():
+                os.utime(target)
+            else:
+                self._fetch(info, required=True)
+        except BaseException:
+            self.release(shard)
+            raise
+        finally:
+            self._waited += time.perf_counter() - start
+        return target
+
+    def release(self, shard: int) -> None:
+        """This process stops reading ``shard``: unprotect it and trim the cache to its limit."""
+        self._ensure_process()
+        with self._cond:
+            if self._refs[shard] > 0:
+                self._refs[shard] -= 1
+            if self._refs[shard] == 0:
+                del self._refs[shard]
+            fd = self._unheld(shard)
+        if fd is not None:
+            self._drop(fd)
+
+    def prefetch(self, shards: list[int]) -> None:
+        """Fetch these shards ahead, in order, in background threads; replaces earlier hints."""
+        self._ensure_process()
+        if self.prefetch_depth == 0:
+            return
+        hinted = list(dict.fromkeys(int(k) for k in shards))
+        dropped = []
+        with self._cond:
+            keep = set(hinted)
+            for k in [k for k in self._pinned if k not in keep and k not in self._inflight]:
+                self._pinned.discard(k)
+                dropped.append(self._unheld(k))
+            self._wanted = [k for k in hinted if k not in self._pinned and k not in self._refs]
+            while len(self._threads) < self.prefetch_depth:
+                thread = threading.Thread(
+                    target=self._prefetch_loop,
+                    daemon=True,
+                    name=f"streamshards-prefetch-{len(self._threads)}",
+                )
+                thread.start()
+                self._threads.append(thread)
+            self._cond.notify_all()
+        for fd in dropped:
+            if fd is not None:
+                self._drop(fd)
+
+    def wait_seconds(self) -> float:
+        """Seconds this process spent inside ``path``: waiting on downloads or other processes."""
+        return self._waited
+
+    def close(self) -> None:
+        """Stop prefetching and release every shard this process holds."""
+        self._ensure_process()
+        with self._cond:
+            self._closed = True
+            self._wanted = []
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+        with self._cond:
+            fds = list(self._holds.values())
+            self._holds.clear()
+            self._refs.clear()
+            self._pinned.clear()
+        for fd in fds:
+            self._drop(fd)
+
+    def __enter__(self) -> RemoteSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- holds: LOCK_SH on the shard's .use file while this process reads or prefetches it
+    def _hold(self, shard: int) -> None:
+        if shard in self._holds:
+            return
+        fd = os.open(
+            self._lock_path(self.index.shards[shard].file, "use"), os.O_RDWR | os.O_CREAT, 0o644
+        )
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        with self._cond:
+            if shard in self._holds:
+                os.close(fd)  # another thread of this process got there first
+            else:
+                self._holds[shard] = fd
+
+    def _unheld(self, shard: int) -> int | None:
+        """Under the condition lock: take the hold's fd out if nothing in this process needs it."""
+        if shard in self._refs or shard in self._pinned:
+            return None
+        return self._holds.pop(shard, None)
+
+    def _drop(self, fd: int) -> None:
+        """Release a hold; with a limit, trim the cache in the same critical section."""
+        if self.cache_limit is None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            return
+        with self._cache_lock():
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            self._scan(evict_to=self.cache_limit)
+
+    # -- downloading
+    def _fetch(self, info: ShardInfo, required: bool) -> bool:
+        """Download one shard unless present; returns False if a prefetch found no room."""
+        target = self.local / info.file
+        part = self.local / f".{info.file}.part"
+        with flocked(self._lock_path(info.file, "get"), fcntl.LOCK_EX):
+            if target.exists():
+                os.utime(target)
+                return True
+            if self.cache_limit is not None:
+                with self._cache_lock():
+                    room = self._scan(evict_to=self.cache_limit - info.stored_bytes)
+                    if not room and not required:
+                        return False
+                    part.touch()  # visible to other processes' accounting from now on
+            try:
+                with open(part, "w+b") as f:
+                    download_verified(self.storage, info, f)
+                os.replace(part, target)
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
+        return True
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not (
+                    self._wanted and len(self._pinned) < self.prefetch_depth
+                ):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                shard = self._wanted.pop(0)
+                self._pinned.add(shard)
+                self._inflight.add(shard)
+            fetched = False
+            try:
+                self._hold(shard)
+                fetched = self._fetch(self.index.shards[shard], required=False)
+            except Exception as err:  # the consumer's own path() call will retry and report
+                log.info("prefetch of shard %d failed: %s", shard, err)
+            with self._cond:
+                self._inflight.discard(shard)
+                if not fetched:
+                    self._pinned.discard(shard)
+                fd = self._unheld(shard)
+                self._cond.notify_all()
+            if fd is not None:
+                self._drop(fd)
+
+    # -- accounting and eviction, always under the cache lock
+    def _scan(self, evict_to: int | None = None) -> bool:
+        """Clean stale temporaries; evict LRU idle shards until the cache is <= ``evict_to``.
+
+        The size counts complete shards and in-progress downloads at their full size. Returns
+        whether the target was met (always True without a target).
+        """
+        shards: list[tuple[float, str, int]] = []
+        total = 0
+        with os.scandir(self.local) as entries:
+            for entry in entries:
+                name = entry.name
+                if name in self._sizes:
+                    stat = entry.stat()
+                    shards.append((stat.st_mtime, name, stat.st_size))
+                    total += stat.st_size
+                elif name.startswith(".") and name.endswith(".part") and name[1:-5] in self._sizes:
+                    with flocked(
+                        self._lock_path(name[1:-5], "get"), fcntl.LOCK_EX | fcntl.LOCK_NB
+                    ) as fd:
+                        if fd is not None:  # nobody downloads it: left by a killed process
+                            _unlink_quietly(entry.path)
+                        else:
+                            total += self._sizes[name[1:-5]]
+                elif name.startswith(f".{INDEX_NAME}.") and name.endswith(".tmp"):
+                    _unlink_quietly(entry.path)  # index writes happen under this same lock
+        if evict_to is None or total <= evict_to:
+            return True
+        for _, name, size in sorted(shards):
+            with flocked(self._lock_path(name, "use"), fcntl.LOCK_EX | fcntl.LOCK_NB) as fd:
+                if fd is None:
+                    continue  # some process reads it: never evicted under a reader
+                _unlink_quietly(self.local / name)
+                total -= size
+            if total <= evict_to:
+                return True
+        return False
+
+
+def _unlink_quietly(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except OSError as err:
+        if err.errno != errno.ENOENT:
+            raise
