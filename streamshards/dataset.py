@@ -28,6 +28,7 @@ from streamshards.order import (
     batch_positions,
     epoch_end,
     epoch_spans,
+    groups,
     rank_batches,
     stream_spans,
 )
@@ -289,8 +290,8 @@ class StreamingDataset(IterableDataset):
         for batch in range(worker, num_batches, workers):
             yield batch_positions(first, batch, rank_end, world_size, self.batch_size)
 
-    def _hint(self, batches: list[np.ndarray], order: EpochOrder) -> None:
-        streams, shards, _ = order.locate(np.concatenate(batches))
+    def _hint(self, located: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        streams, shards, _ = located
         for k, source in enumerate(self.sources):
             wanted = shards[streams == k]
             if len(wanted):
@@ -303,38 +304,39 @@ class StreamingDataset(IterableDataset):
         The shards of the next ``lookahead`` batches are handed to the sources to prefetch.
         """
         order = self.order(self.epoch)
-        upcoming = self.position_batches()
-        pending = deque(islice(upcoming, lookahead + 1))
-        if pending:
-            self._hint(list(pending), order)
+        upcoming = (order.locate(positions) for positions in self.position_batches())
+        pending: deque = deque()
+        for located in islice(upcoming, lookahead + 1):
+            pending.append(located)
+            self._hint(located)
         while pending:
-            positions = pending.popleft()
+            located = pending.popleft()
             for later in islice(upcoming, 1):
                 pending.append(later)
-                self._hint([later], order)
-            yield self.read(*order.locate(positions))
+                self._hint(later)
+            yield self.read(*located)
         if get_worker_info() is None:
             self.set_epoch(self.epoch + 1)
 
     def read(self, streams: np.ndarray, shards: np.ndarray, js: np.ndarray) -> dict[str, Any]:
         """Gather samples (stream, shard, index) into one batch: arrays for fixed-size columns."""
-        keys = streams * (1 << 40) + shards
-        groups = [(int(key), keys == key) for key in np.unique(keys)]
-        views = {key: self._view(key >> 40, key & ((1 << 40) - 1)) for key, _ in groups}
+        parts = [
+            (self._view(int(streams[i[0]]), int(shards[i[0]])), i, js[i])
+            for i in groups(streams * (1 << 40) + shards)
+        ]
         batch: dict[str, Any] = {}
         for col, (name, ctype) in enumerate(zip(self.columns, self.column_types)):
             if ctype.array is not None:
                 dtype, shape = ctype.array
                 out = np.empty((len(js), *shape), dtype=dtype)
-                for key, mask in groups:
-                    out[mask] = views[key].fixed_array(col)[js[mask]]
+                for view, idx, rows in parts:
+                    out[idx] = view.fixed_array(col)[rows]
                 batch[name] = out
             else:
                 values: list[Any] = [None] * len(js)
-                for key, mask in groups:
-                    view = views[key]
-                    for slot in np.flatnonzero(mask):
-                        values[slot] = view.value(col, int(js[slot]))
+                for view, idx, rows in parts:
+                    for slot, value in zip(idx.tolist(), view.values(col, rows)):
+                        values[slot] = value
                 batch[name] = values
         return batch
 

@@ -85,8 +85,11 @@ def decompress(stored: bytes | memoryview, raw_bytes: int, name: str) -> bytes:
             f"shard {name}: frame declares {declared} raw bytes, index says {raw_bytes}"
         )
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(memoryview(stored))
-        raw = reader.read(raw_bytes + 1)
+        if declared == raw_bytes:
+            raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_bytes)
+        else:
+            reader = zstandard.ZstdDecompressor().stream_reader(memoryview(stored))
+            raw = reader.read(raw_bytes + 1)
     except zstandard.ZstdError as err:
         raise ShardError(f"shard {name}: zstd decompression failed: {err}") from None
     if len(raw) != raw_bytes:
@@ -128,6 +131,7 @@ class ShardView:
                 f"index says {num_samples} x {len(types)}"
             )
         self.columns: list[_Column] = []
+        self._arrays: dict[int, np.ndarray] = {}
         for k, ctype in enumerate(types):
             offsets_pos, data_pos, data_bytes = _COL.unpack_from(
                 self.buf, _HEAD.size + k * _COL.size
@@ -161,6 +165,16 @@ class ShardView:
         start = c.data_pos + int(c.offsets[j])
         return decode(self.buf[start : c.data_pos + int(c.offsets[j + 1])], c.ctype)
 
+    def values(self, col: int, rows: np.ndarray) -> list:
+        """Decode column ``col`` of several samples of a variable-size column at once."""
+        c = self.columns[col]
+        starts = (c.offsets[rows] + c.data_pos).tolist()
+        ends = (c.offsets[rows + 1] + c.data_pos).tolist()
+        buf = self.buf
+        if c.ctype.kind == "str":
+            return [str(buf[a:b], "utf-8") for a, b in zip(starts, ends)]
+        return [decode(buf[a:b], c.ctype) for a, b in zip(starts, ends)]
+
     def encoded(self, j: int) -> list[bytes]:
         """The stored bytes of every column of sample ``j``, as ``build_shard`` takes them."""
         out = []
@@ -188,10 +202,14 @@ class ShardView:
 
     def fixed_array(self, col: int) -> np.ndarray:
         """A fixed-size column as one (num_samples, *shape) array view, zero-copy."""
-        dtype, shape = self.columns[col].ctype.array
-        return np.frombuffer(
-            self.buf,
-            dtype=dtype,
-            count=self.num_samples * math.prod(shape),
-            offset=self.columns[col].data_pos,
-        ).reshape((self.num_samples, *shape))
+        array = self._arrays.get(col)
+        if array is None:
+            dtype, shape = self.columns[col].ctype.array
+            array = np.frombuffer(
+                self.buf,
+                dtype=dtype,
+                count=self.num_samples * math.prod(shape),
+                offset=self.columns[col].data_pos,
+            ).reshape((self.num_samples, *shape))
+            self._arrays[col] = array
+        return array

@@ -166,17 +166,23 @@ class EpochOrder:
         part_size = self.part_len + (part < self.part_rem)
         block, offset = q // self.window, q % self.window
         inner = np.empty_like(t)
-        keys = part * (self.size // self.window + 2) + block
-        for key in np.unique(keys):
-            mask = keys == key
-            p, b = int(part[mask][0]), int(block[mask][0])
-            length = int(min(self.window, part_size[mask][0] - b * self.window))
-            inner[mask] = self._block_perm(p, b, length)[offset[mask]]
+        for idx in groups(part * (self.size // self.window + 2) + block):
+            p, b = int(part[idx[0]]), int(block[idx[0]])
+            length = int(min(self.window, part_size[idx[0]] - b * self.window))
+            inner[idx] = self._block_perm(p, b, length)[offset[idx]]
         return part_start + block * self.window + inner
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(stream, shard, sample within shard) of each global position."""
         return self.spans.locate(self.concat_positions(positions))
+
+
+def groups(keys: np.ndarray) -> list[np.ndarray]:
+    """Indices of ``keys`` grouped by equal key (one sort, no per-key scan)."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    cuts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+    return np.split(order, cuts)
 
 
 def epoch_end(epoch_size: int, global_batch: int, world_size: int, drop_last: bool) -> int:

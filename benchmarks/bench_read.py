@@ -1,0 +1,145 @@
+"""Read throughput: one epoch of packed token sequences and of raw text.
+
+Each row is one epoch, in-process (``iter_batches``) or through ``StreamingDataLoader`` with
+0, 1 or 2 workers, shuffled or not, printed beside the limit measured in the same run:
+numpy copying the same shard bytes out of a memory map.
+
+    python benchmarks/bench_read.py --tokens-mb 256 --text-mb 128 --plot read.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from streamshards import ShardWriter, StreamingDataLoader, StreamingDataset, load_index
+
+SEQ = 2048
+
+
+def make_tokens(folder: Path, megabytes: int) -> None:
+    rng = np.random.default_rng(0)
+    count = megabytes * 10**6 // (SEQ * 2)
+    with ShardWriter(folder, {"tokens": f"ndarray:uint16:{SEQ}"}, compression=None) as writer:
+        block = rng.integers(0, 50000, (1024, SEQ), dtype=np.uint16)
+        for i in range(count):
+            writer.write({"tokens": block[i % 1024]})
+
+
+def make_text(folder: Path, megabytes: int) -> None:
+    rng = np.random.default_rng(1)
+    words = [f"w{i}" * (1 + i % 3) for i in range(5000)]
+    written = 0
+    with ShardWriter(folder, {"text": "str"}, compression="zstd") as writer:
+        while written < megabytes * 10**6:
+            # C4-like lengths: a log-normal around 400 words, about 2 KB a document
+            length = int(min(20000, max(5, rng.lognormal(5.3, 0.9))))
+            text = " ".join(rng.choice(words, size=length))
+            writer.write({"text": text})
+            written += len(text)
+
+
+def mmap_limit(folder: Path) -> float:
+    """Seconds for numpy to copy every shard's stored bytes out of a memory map."""
+    index = load_index(folder)
+    started = time.perf_counter()
+    for info in index.shards:
+        with (
+            open(folder / info.file, "rb") as f,
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m,
+        ):
+            view = np.frombuffer(m, dtype=np.uint8)
+            for lo in range(0, len(view), 1 << 22):
+                np.array(view[lo : lo + (1 << 22)])
+            del view
+    return time.perf_counter() - started
+
+
+def zstd_limit(folder: Path) -> float:
+    """Seconds for zstd alone to decompress every shard (the floor for compressed text)."""
+    import zstandard
+
+    index = load_index(folder)
+    blobs = [(folder / info.file).read_bytes() for info in index.shards]
+    started = time.perf_counter()
+    for blob in blobs:
+        zstandard.ZstdDecompressor().decompress(blob)
+    return time.perf_counter() - started
+
+
+def epoch(folder: Path, shuffle: bool, workers: int | None, batch: int) -> tuple[float, int]:
+    """(seconds, samples) for one epoch; ``workers=None`` reads in-process, no DataLoader."""
+    dataset = StreamingDataset(local=folder, shuffle=shuffle, seed=1, batch_size=batch)
+    started = time.perf_counter()
+    samples = 0
+    batches = dataset.iter_batches() if workers is None else StreamingDataLoader(dataset, workers)
+    for item in batches:
+        samples += len(next(iter(item.values())))
+    return time.perf_counter() - started, samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens-mb", type=int, default=256)
+    parser.add_argument("--text-mb", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--plot", help="write a bar chart PNG here")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, make, size in (
+            ("tokens", make_tokens, args.tokens_mb),
+            ("text", make_text, args.text_mb),
+        ):
+            folder = Path(tmp) / name
+            make(folder, size)
+            index = load_index(folder)
+            raw_mb = index.raw_bytes / 1e6
+            epoch(folder, False, None, args.batch)  # warm the page cache
+            limit = mmap_limit(folder)
+            rows.append(
+                (
+                    name,
+                    "mmap copy (limit)",
+                    "-",
+                    index.num_samples / limit,
+                    index.stored_bytes / 1e6 / limit,
+                )
+            )
+            for shuffle in (False, True):
+                for workers in (None, 0, 1, 2):
+                    seconds, samples = epoch(folder, shuffle, workers, args.batch)
+                    assert samples == index.num_samples
+                    how = "in-process" if workers is None else f"loader, {workers} workers"
+                    rows.append(
+                        (name, how, "on" if shuffle else "off", samples / seconds, raw_mb / seconds)
+                    )
+    print(f"{'data':<7} {'how':<22} {'shuffle':<8} {'samples/s':>12} {'MB/s':>9} {'of limit':>9}")
+    print("(of limit: against the tightest limit row of the same data)")
+    limits = {r[0]: r[3] for r in rows if r[2] in "-+"}
+    for data, how, shuffle, rate, mbps in rows:
+        print(
+            f"{data:<7} {how:<22} {shuffle:<8} {rate:>12,.0f} {mbps:>9,.0f} "
+            f"{rate / limits[data]:>8.0%}"
+        )
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(10, 5))
+        labels = [f"{d} {h} {s}" for d, h, s, _, _ in rows]
+        ax.barh(labels, [r[3] for r in rows])
+        ax.set_xlabel("samples/s")
+        fig.tight_layout()
+        fig.savefig(args.plot)
+
+
+if __name__ == "__main__":
+    main()
