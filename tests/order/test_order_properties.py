@@ -100,3 +100,19 @@ def test_ranks_cover_each_position_once(epoch_size, world, batch, drop_last, sta
     assert sorted(seen) == list(range(start, end))
     assert len(batch_counts) == 1, "ranks would yield different numbers of batches"
     assert end >= epoch_size - epoch_size % (batch * world)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10**6), st.sampled_from([1, 2, 4, 8]), st.integers(0, 3))
+def test_each_rank_reads_about_its_share_of_shards(seed, world, epoch):
+    """O5: with W dividing P, a rank touches ~1/W of the shards plus partition edges."""
+    shards, per_shard, parts = 400, 50, 16
+    order = _order([per_shard] * shards, True, seed, epoch, parts, 64)
+    total = shards * per_shard
+    touched = []
+    for rank in range(world):
+        _, shard, _ = order.locate(np.arange(rank, total, world))
+        touched.append(set(shard.tolist()))
+    assert set().union(*touched) == set(range(shards))
+    for rank_shards in touched:
+        assert len(rank_shards) <= shards / world + parts / world + 1
