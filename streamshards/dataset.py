@@ -180,9 +180,13 @@ class StreamingDataset(IterableDataset):
         """Sample ``sample_id`` of the streams' concatenation, in O(log shards)."""
         if not 0 <= sample_id < len(self):
             raise IndexError(f"sample {sample_id} out of range 0..{len(self) - 1}")
-        stream = int(np.searchsorted(self.stream_starts, sample_id, side="right")) - 1
-        shard, j = self.sources[stream].index.shard_of(sample_id - int(self.stream_starts[stream]))
-        return self._view(stream, shard).sample(j)
+        stream = 0
+        if len(self.sources) > 1:
+            stream = int(np.searchsorted(self.stream_starts, sample_id, side="right")) - 1
+            sample_id -= int(self.stream_starts[stream])
+        shard, j = self.sources[stream].index.shard_of(sample_id)
+        view = self._views.get((stream, shard)) or self._view(stream, shard)
+        return view.sample(j)
 
     def _view(self, stream: int, shard: int) -> ShardView:
         key = (stream, shard)

@@ -159,11 +159,13 @@ class ShardView:
         """Decode column ``col`` of sample ``j`` (0-based within this shard)."""
         c = self.columns[col]
         if c.offsets is None:
+            if c.ctype.kind == "ndarray":
+                return self.fixed_array(col)[j]
             size = c.ctype.fixed_size
             start = c.data_pos + j * size
             return decode(self.buf[start : start + size], c.ctype)
-        start = c.data_pos + int(c.offsets[j])
-        return decode(self.buf[start : c.data_pos + int(c.offsets[j + 1])], c.ctype)
+        start, end = c.offsets[j : j + 2].tolist()
+        return decode(self.buf[c.data_pos + start : c.data_pos + end], c.ctype)
 
     def values(self, col: int, rows: np.ndarray) -> list:
         """Decode column ``col`` of several samples of a variable-size column at once."""

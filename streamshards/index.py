@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -62,6 +63,7 @@ class Index:
         )
         self.shard_starts = np.zeros(len(self.shards) + 1, dtype=np.int64)
         np.cumsum(counts, out=self.shard_starts[1:])
+        self._starts: list[int] | None = None  # a list for fast scalar lookups, made on demand
         self.column_types: list[ColumnType] = [
             parse_column_type(t, name) for name, t in self.columns.items()
         ]
@@ -82,8 +84,10 @@ class Index:
         """(shard number, position within that shard) of a global sample id, O(log shards)."""
         if not 0 <= sample_id < self.num_samples:
             raise IndexError(f"sample {sample_id} out of range 0..{self.num_samples - 1}")
-        shard = int(np.searchsorted(self.shard_starts, sample_id, side="right")) - 1
-        return shard, sample_id - int(self.shard_starts[shard])
+        if self._starts is None:
+            self._starts = self.shard_starts.tolist()
+        shard = bisect.bisect_right(self._starts, sample_id) - 1
+        return shard, sample_id - self._starts[shard]
 
     def to_dict(self) -> dict:
         return {
