@@ -127,6 +127,9 @@ class StreamingDataset(IterableDataset):
         self.fingerprint = self._fingerprint()
         self.epoch = 0
         self.samples_seen = 0
+        # Pinned by StreamingDataLoader before it starts workers, which may not see the
+        # process group; None means ask ``world()`` at iteration time.
+        self.rank_world: tuple[int, int] | None = None
         self._order: EpochOrder | None = None
         self._views: OrderedDict[tuple[int, int], ShardView] = OrderedDict()
         self._view_bytes = 0
@@ -169,6 +172,12 @@ class StreamingDataset(IterableDataset):
             digest.update(b"|")
         digest.update(json.dumps(self.order_config(), sort_keys=True).encode())
         return digest.hexdigest()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Open shard views (memory maps) stay behind when workers are spawned."""
+        state = dict(self.__dict__)
+        state["_views"], state["_view_bytes"], state["_order"] = OrderedDict(), 0, None
+        return state
 
     # Random access -------------------------------------------------------------------------
 
@@ -235,7 +244,7 @@ class StreamingDataset(IterableDataset):
 
     def epoch_end(self) -> int:
         """Positions delivered per epoch at the current world size (see ``order.epoch_end``)."""
-        _, world_size = world()
+        _, world_size = self.rank_world or world()
         return epoch_end(self.epoch_size, self.batch_size * world_size, world_size, self.drop_last)
 
     def state_dict(self, num_samples_seen: int, epoch: int | None = None) -> dict[str, Any]:
@@ -277,7 +286,7 @@ class StreamingDataset(IterableDataset):
         Worker ``i`` of ``w`` takes the rank's batches ``i, i + w, ...``, which is the order
         in which a DataLoader collects them, so batches do not depend on ``num_workers``.
         """
-        rank, world_size = world()
+        rank, world_size = self.rank_world or world()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         end = self.epoch_end()

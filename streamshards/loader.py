@@ -52,7 +52,8 @@ class StreamingDataLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = self.streaming
         dataset.epoch, dataset.samples_seen = self.epoch, self.samples_seen
-        _, world_size = world()
+        dataset.rank_world = world()
+        _, world_size = dataset.rank_world
         global_batch = dataset.batch_size * world_size
         end = dataset.epoch_end()
         batches = super().__iter__()
