@@ -124,14 +124,14 @@ def convert(inputs: tuple[str, ...], out: str, keep_fields: str, quiet: bool, **
     Example: streamshards convert c4/*.json.gz shards/ --tokenizer tokenizer.json --seq-len 2048
     """
     fields = [f.strip() for f in keep_fields.split(",") if f.strip()]
-    remote = RemoteOutput(out)
     bar = _ProgressBar(not quiet)
     try:
+        remote = RemoteOutput(out)
         result = run_convert(
             ConvertOptions(inputs=inputs, out=remote.local, keep_fields=fields, **options), bar
         )
         bar.close()
-        remote.publish()
+        remote.publish(progress=not quiet)
     except ConvertError as err:
         bar.close()
         raise click.ClickException(str(err)) from None

@@ -203,18 +203,19 @@ def _line_units(
         import zstandard
 
         errors = (*errors, zstandard.ZstdError)
+    # read1 returns each decompressed piece as it comes, so a corrupt tail loses only itself.
+    read = getattr(stream, "read1", stream.read)
     buffer = b""
     line = 1
     number = 0
     eof = False
     while not eof:
         try:
-            block = stream.read(_BLOCK)
+            block = read(_BLOCK)
         except errors as err:
             complete = line + buffer.count(b"\n") - 1
-            report.read_error = (
-                f"{source.path}: unreadable after line {complete}: {err or type(err).__name__}"
-            )
+            where = f"after line {complete}" if complete else "from the start"
+            report.read_error = f"{source.path}: unreadable {where}: {err or type(err).__name__}"
             # The bytes after the last newline are an incomplete record: drop them.
             buffer = buffer[: buffer.rfind(b"\n") + 1]
             block, eof = b"", True

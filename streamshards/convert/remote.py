@@ -35,12 +35,12 @@ class RemoteOutput:
         else:
             self.local = out
 
-    def publish(self) -> None:
+    def publish(self, progress: bool = True) -> None:
         """Upload the finished local dataset to the URL, index last, then drop the local copy."""
         if not is_remote(self.out):
             return
         try:
-            self._upload(self.local, self.out)
+            self._upload(self.local, self.out, progress=progress)
         except (OSError, ValueError) as err:
             raise ConvertError(
                 f"converted into {self.local} but uploading to {self.out} failed: {err}; "
@@ -51,6 +51,7 @@ class RemoteOutput:
 
 def _find_upload(out: str):
     try:
+        from streamshards.storage import open_storage
         from streamshards.transfer import upload
     except ImportError:
         raise ConvertError(
@@ -58,4 +59,8 @@ def _find_upload(out: str):
             "which this installation lacks; convert into a local folder, then run "
             "streamshards upload"
         ) from None
+    try:
+        open_storage(out)
+    except (ValueError, ImportError) as err:
+        raise ConvertError(f"OUT: {err}") from None
     return upload

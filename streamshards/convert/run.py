@@ -25,7 +25,7 @@ from pathlib import Path
 import xxhash
 
 from streamshards import __version__
-from streamshards.convert.documents import DocumentRules
+from streamshards.convert.documents import DocumentRules, load_filter
 from streamshards.convert.errors import ConvertError
 from streamshards.convert.inputs import FileReport, InputFile, find_inputs, read_units
 from streamshards.convert.pack import Deduper, RawPacker, TokenPacker
@@ -121,6 +121,8 @@ class ConvertJob:
         self.inputs: list[InputFile] = find_inputs(options.inputs)
         self.unit_bytes = parse_size(options.unit_size)
         self.keep_fields = parse_keep_fields(options.keep_fields, options.text_field)
+        if options.user_filter:
+            load_filter(options.user_filter)  # fail here, not in every worker
         self.tokenizer: TokenizerInfo | None = None
         if options.tokenizer:
             self.tokenizer = describe_tokenizer(options.tokenizer, options.eos_id, options.bos_id)

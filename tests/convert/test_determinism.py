@@ -7,10 +7,23 @@ from convert_helpers import SAMPLE, TOKENIZER, dataset_files, run_convert, sampl
 
 def test_one_and_two_workers_write_byte_identical_datasets(tmp_path):
     docs = sample_docs(400)
-    inputs = [write_jsonl(tmp_path / "a.jsonl.gz", docs[:250], "gzip"),
-              write_jsonl(tmp_path / "b.jsonl", docs[200:] + docs[:10])]
-    common = ["--tokenizer", TOKENIZER, "--seq-len", "96", "--dedup", "--min-chars", "200",
-              "--unit-size", "32KB", "--size-limit", "50KB"]
+    inputs = [
+        write_jsonl(tmp_path / "a.jsonl.gz", docs[:250], "gzip"),
+        write_jsonl(tmp_path / "b.jsonl", docs[200:] + docs[:10]),
+    ]
+    common = [
+        "--tokenizer",
+        TOKENIZER,
+        "--seq-len",
+        "96",
+        "--dedup",
+        "--min-chars",
+        "200",
+        "--unit-size",
+        "32KB",
+        "--size-limit",
+        "50KB",
+    ]
     run_convert(*inputs, tmp_path / "one", "--workers", "1", *common)
     run_convert(*inputs, tmp_path / "two", "--workers", "2", *common)
     one = dataset_files(tmp_path / "one")

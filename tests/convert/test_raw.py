@@ -12,8 +12,18 @@ from streamshards.index import load_index
 
 def test_c4_file_becomes_one_sample_per_document_with_kept_fields(tmp_path):
     out = tmp_path / "out"
-    run_convert(SAMPLE, out, "--keep-fields", "url,timestamp", "--workers", "2",
-                "--size-limit", "1MB", "--unit-size", "256KB")
+    run_convert(
+        SAMPLE,
+        out,
+        "--keep-fields",
+        "url,timestamp",
+        "--workers",
+        "2",
+        "--size-limit",
+        "1MB",
+        "--unit-size",
+        "256KB",
+    )
     docs = sample_docs()
     got = samples(out)
     assert got == [{"text": d["text"], "url": d["url"], "timestamp": d["timestamp"]} for d in docs]
@@ -34,8 +44,9 @@ def test_every_input_format_gives_the_same_samples(tmp_path, suffix):
         pq.write_table(pa.Table.from_pylist(docs), path, row_group_size=7)
     else:
         write_jsonl(path, docs, {".jsonl.gz": "gzip", ".jsonl.zst": "zstd"}.get(suffix))
-    run_convert(path, tmp_path / "out", "--keep-fields", "url", "--workers", "1",
-                "--unit-size", "16KB")
+    run_convert(
+        path, tmp_path / "out", "--keep-fields", "url", "--workers", "1", "--unit-size", "16KB"
+    )
     assert samples(tmp_path / "out") == [{"text": d["text"], "url": d["url"]} for d in docs]
 
 
@@ -71,8 +82,14 @@ def test_non_string_fields_are_kept_as_json_when_asked(tmp_path):
 def test_inputs_are_read_in_the_order_given_folders_and_globs_sorted(tmp_path):
     for name in ("b", "a", "c"):
         write_jsonl(tmp_path / f"{name}.jsonl", [{"text": name}])
-    run_convert(tmp_path / "c.jsonl", str(tmp_path / "[ab].jsonl"), tmp_path / "c.jsonl",
-                tmp_path / "out", "--workers", "1")
+    run_convert(
+        tmp_path / "c.jsonl",
+        str(tmp_path / "[ab].jsonl"),
+        tmp_path / "c.jsonl",
+        tmp_path / "out",
+        "--workers",
+        "1",
+    )
     assert [s["text"] for s in samples(tmp_path / "out")] == ["c", "a", "b"]
     inputs = load_index(tmp_path / "out").provenance["inputs"]
     assert [json.dumps(i["file"]).endswith('.jsonl"') for i in inputs] == [True] * 3

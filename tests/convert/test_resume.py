@@ -20,15 +20,27 @@ from convert_helpers import (
 
 from streamshards.convert.spill import WORK_NAME
 
-ARGS = ["--tokenizer", str(TOKENIZER), "--seq-len", "256", "--unit-size", "40KB",
-        "--size-limit", "100KB", "--workers", "2", "--quiet"]
+ARGS = [
+    "--tokenizer",
+    str(TOKENIZER),
+    "--seq-len",
+    "256",
+    "--unit-size",
+    "40KB",
+    "--size-limit",
+    "100KB",
+    "--workers",
+    "2",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """About 2 MB of the sample corpus in about 50 units."""
-    return write_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl.gz", sample_docs(1000),
-                       "gzip")
+    return write_jsonl(
+        tmp_path_factory.mktemp("corpus") / "docs.jsonl.gz", sample_docs(1000), "gzip"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +97,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run_without_redoing_units(
     assert not (out / WORK_NAME).exists()
 
 
-def test_repeated_kills_and_a_rerun_after_success_change_nothing(
-    tmp_path, corpus, uninterrupted
-):
+def test_repeated_kills_and_a_rerun_after_success_change_nothing(tmp_path, corpus, uninterrupted):
     out = tmp_path / "out"
     for units in (1, 20, 40):
         kill_after_units(start_forked(corpus, out), out, units)

