@@ -1,0 +1,12 @@
+"""``streamshards convert``: corpora (JSON lines, Parquet, text) into shards, raw or tokenized.
+
+See docs/CONVERT.md. The command is ``streamshards.convert.cli:convert``; from Python:
+
+>>> from streamshards.convert import ConvertOptions, convert
+>>> convert(ConvertOptions(inputs=["c4.json.gz"], out="shards/", tokenizer="tokenizer.json"))
+"""
+
+from streamshards.convert.errors import ConvertError
+from streamshards.convert.run import ConvertOptions, ConvertResult, Progress, convert
+
+__all__ = ["ConvertError", "ConvertOptions", "ConvertResult", "Progress", "convert"]
