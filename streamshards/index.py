@@ -6,7 +6,7 @@ import bisect
 import json
 import os
 import re
-import tempfile
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,16 +213,27 @@ def write_index(folder: str | os.PathLike, index: Index) -> Path:
 
 def atomic_write(target: Path, data: bytes) -> None:
     """Write ``data`` to ``target`` so readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # A hidden, unique temporary name, created with the umask's permissions like any file.
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_folder(target.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make renames and removals in ``folder`` durable, so they survive a power loss in order."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def creation_time() -> str:

@@ -46,7 +46,8 @@ def merge(
     indexes = [load_index(folder) for folder in folders]
     columns = indexes[0].columns
     for folder, index in zip(folders, indexes):
-        if index.columns != columns:
+        # Order matters too: encoded samples are copied column by column.
+        if list(index.columns.items()) != list(columns.items()):
             raise ValueError(f"{folder}: columns {index.columns} differ from {columns}")
     provenance = {"parts": [index.provenance for index in indexes]}
     with ShardWriter(out, columns, compression, size_limit, provenance, overwrite) as writer:

@@ -11,7 +11,14 @@ from typing import Any
 from streamshards import __version__
 from streamshards.columns import encode, parse_column_type
 from streamshards.format import build_shard, compress, stored_hash
-from streamshards.index import INDEX_NAME, Index, ShardInfo, creation_time, write_index
+from streamshards.index import (
+    INDEX_NAME,
+    Index,
+    ShardInfo,
+    creation_time,
+    fsync_folder,
+    write_index,
+)
 
 _UNITS = {
     "": 1,
@@ -86,6 +93,7 @@ class ShardWriter:
             if not overwrite:
                 raise FileExistsError(f"{index_path} exists; pass overwrite=True to replace it")
             index_path.unlink()
+            fsync_folder(self.out)
         self.shards: list[ShardInfo] = []
         self._buffers: list[list[bytes]] = [[] for _ in self.types]
         self._count = 0
@@ -131,6 +139,7 @@ class ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.out / name)
+        fsync_folder(self.out)
         self.shards.append(
             ShardInfo(
                 name,

@@ -137,3 +137,11 @@ def test_overwrite_killed_at_every_step_leaves_old_or_no_or_new_dataset(tmp_path
     assert outcomes[-1] == 2, "the overwrite that was not killed left the new dataset"
     assert None in outcomes
     assert set(outcomes) == {1, None, 2}
+
+
+def test_index_is_as_readable_as_the_shards(tmp_path: Path) -> None:
+    """The index is created with the same permissions as the shard files (the umask's)."""
+    write_round(tmp_path, 1)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -87,11 +87,20 @@ def test_merge_cli_matches_the_python_function(tmp_path: Path) -> None:
     assert shard_files(tmp_path / "by_cli") == shard_files(tmp_path / "by_function")
 
 
-def test_merge_refuses_parts_with_different_columns(tmp_path: Path) -> None:
-    write_dataset(tmp_path / "a", {"text": "str"}, [{"text": "x"}])
-    write_dataset(tmp_path / "b", {"text": "bytes"}, [{"text": b"x"}])
-    with pytest.raises(ValueError, match="columns"):
+@pytest.mark.parametrize(
+    "other",
+    [{"a": "str", "b": "str"}, {"b": "bytes", "a": "str"}],
+    ids=["another type", "another order"],
+)
+def test_merge_refuses_parts_with_different_columns(tmp_path: Path, other: dict) -> None:
+    """Parts must share the schema, column order included (samples are copied encoded)."""
+    write_dataset(tmp_path / "a", {"a": "str", "b": "bytes"}, [{"a": "x", "b": b"y"}])
+    write_dataset(
+        tmp_path / "b", other, [{"a": "x", "b": b"y" if "bytes" in other.values() else "y"}]
+    )
+    with pytest.raises(ValueError, match="columns") as err:
         merge([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    assert str(tmp_path / "b") in str(err.value)
     assert not (tmp_path / "out" / INDEX_NAME).exists()
 
 
