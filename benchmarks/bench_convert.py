@@ -75,7 +75,9 @@ def tokenizer_limit(path: Path, texts: list[str]) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-def run_convert(paths: list[Path], out: Path, workers: int, tokenizer: Path | None) -> float:
+def run_convert(
+    paths: list[Path], out: Path, workers: int, tokenizer: Path | None, unit_size: str
+) -> float:
     shutil.rmtree(out, ignore_errors=True)
     options = ConvertOptions(
         inputs=[str(p) for p in paths],
@@ -83,6 +85,7 @@ def run_convert(paths: list[Path], out: Path, workers: int, tokenizer: Path | No
         workers=workers,
         seq_len=2048,
         tokenizer=str(tokenizer) if tokenizer else None,
+        unit_size=unit_size,
     )
     start = time.perf_counter()
     convert(options)
@@ -95,6 +98,9 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=2)
     parser.add_argument("--tokenizer", default="bundled", help="bundled, gpt2 or a path.")
     parser.add_argument("--workers", default="1,2", help="Worker counts to run.")
+    parser.add_argument(
+        "--unit-size", default="512KB", help="Work unit (small corpora need small units to spread)."
+    )
     parser.add_argument("--plot", help="Write a bar chart of MB/s to this PNG.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
@@ -115,13 +121,14 @@ def main() -> None:
             ("tokenizer alone (1 thread)", 1, tok_seconds, tokens / tok_seconds),
         ]
         for workers in (int(w) for w in args.workers.split(",")):
-            seconds = run_convert(paths, tmp / "raw", workers, None)
+            seconds = run_convert(paths, tmp / "raw", workers, None, args.unit_size)
             rows.append(("convert raw", workers, seconds, None))
-            seconds = run_convert(paths, tmp / "tok", workers, tok)
+            seconds = run_convert(paths, tmp / "tok", workers, tok, args.unit_size)
             rows.append(("convert tokenized", workers, seconds, tokens / seconds))
     print(
         f"corpus: {len(texts):,} documents, {gz_bytes / 1e6:.1f} MB gzip'd, "
-        f"{text_bytes / 1e6:.1f} MB of text, {tokens:,} tokens ({tok.name}); {os.cpu_count()} CPUs"
+        f"{text_bytes / 1e6:.1f} MB of text, {tokens:,} tokens ({tok.name}); "
+        f"units of {args.unit_size}; {os.cpu_count()} CPUs"
     )
     header = f"{'what':<28} {'workers':>7} {'seconds':>8} {'MB/s in':>8} {'text MB/s':>9}"
     print(header + f" {'tokens/s':>10} {'vs tokenizer per worker':>24}")
