@@ -1,0 +1,143 @@
+"""Sharded checkpoints with torch.distributed.checkpoint, visible only once complete.
+
+Layout of ``run_dir/checkpoints/``::
+
+    step_00000200/            a complete checkpoint (renamed into place when finished)
+        .metadata, *.distcp   model and optimizer shards (DCP; reshards to any world size)
+        trainer.json          step, loader state, microbatch size, guard state (rank 0)
+        rng/rank{R}.json      each rank's torch, CUDA, numpy and Python RNG states
+        COMPLETE              written last, before the rename
+    .tmp-step_00000300/       being written; ignored and removed by the next save
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from streamshards.index import atomic_write, fsync_folder
+
+COMPLETE = "COMPLETE"
+_NAME = re.compile(r"step_(\d{8})")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _NAME.fullmatch(entry.name)
+        if match and (entry / COMPLETE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write a checkpoint from every rank (collective); rank 0 publishes it and prunes."""
+    root = Path(root)
+    rank = dist.get_rank()
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    atomic_write(tmp / "rng" / f"rank{rank}.json", json.dumps(rng_state()).encode())
+    dist.barrier()
+    if rank == 0:
+        state = {"step": step, "world_size": dist.get_world_size(), **trainer_state}
+        atomic_write(tmp / "trainer.json", json.dumps(state, indent=1).encode())
+        atomic_write(tmp / COMPLETE, b"")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_folder(root)
+        for _, old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Load model and optimizer shards (any world size) and this rank's RNG states if saved.
+
+    Returns trainer.json's contents.
+    """
+    path = Path(path)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    rng_file = path / "rng" / f"rank{dist.get_rank()}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return json.loads((path / "trainer.json").read_text())
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generator states as JSON-ready values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": _b64(torch.get_rng_state()),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_unb64(state["cuda"]))
+
+
+def _b64(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+

@@ -1,0 +1,127 @@
+"""Per-step metrics and events: one JSON line each in run_dir/metrics.jsonl, and the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 peak FLOP/s by device name (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+}
+
+
+def peak_flops(device: torch.device, configured: float | None) -> float | None:
+    """The peak FLOP/s MFU is measured against: the config's, else the GPU's from its name."""
+    if configured:
+        return float(configured)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocations on GPU, resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+class MetricsLog:
+    """Appends step records and events to ``metrics.jsonl`` (rank 0) and prints them.
+
+    A resumed run appends to the same file, so a step may appear twice; the later line wins
+    (``trainer.plot`` and the tests read it that way). Events carry an ``event`` key.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, rank: int):
+        self.rank = rank
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = None
+        if rank == 0:
+            _drop_torn_line(self.path)
+            self.file = open(self.path, "a")
+
+    def step(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
+        self._write(record)
+        print(console_line(record), flush=True)
+
+    def event(self, kind: str, step: int, everywhere: bool = False, **fields: Any) -> None:
+        """Log an event (rank 0's, or this rank's too when ``everywhere``)."""
+        record = {"event": kind, "step": step, "time": round(time.time(), 3), **fields}
+        text = " ".join(f"{k}={v}" for k, v in fields.items())
+        if self.file is not None:
+            self._write(record)
+        if self.file is not None or everywhere:
+            print(f"[rank {self.rank}] event {kind} at step {step}: {text}", file=sys.stderr,
+                  flush=True)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record, allow_nan=True) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def console_line(r: dict[str, Any]) -> str:
+    """One readable line per step."""
+    mfu = f" mfu {r['mfu'] * 100:4.1f}%" if r.get("mfu") is not None else ""
+    return (
+        f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+        f"gnorm {_num(r['grad_norm'])} | {r['tokens_per_s']:,.0f} tok/s{mfu} | "
+        f"data {r['data_wait_s'] * 1000:.0f} ms | mem {r['peak_mem_gb']:.2f} GB | "
+        f"mb {r['microbatch_size']}"
+    )
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line without its newline: a record torn by a killed process."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _num(x: float) -> str:
+    return f"{x:.3f}" if math.isfinite(x) else str(x)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> tuple[dict[int, dict], list[dict]]:
+    """(last record of each step, all events) from ``run_dir/metrics.jsonl``."""
+    steps: dict[int, dict] = {}
+    events: list[dict] = []
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{f.name}:{line_number}: not JSON ({error})") from None
+            if "event" in record:
+                events.append(record)
+            else:
+                steps[record["step"]] = record
+    return dict(sorted(steps.items())), events
