@@ -140,4 +140,3 @@ def _b64(tensor: torch.Tensor) -> str:
 
 def _unb64(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-

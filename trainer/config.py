@@ -140,8 +140,9 @@ def validate(config: dict[str, Any]) -> None:
         positive_int("microbatch_size", config["microbatch_size"])
     if config["model"]["vocab_size"] != "auto":
         positive_int("model.vocab_size", config["model"]["vocab_size"])
-    if not isinstance(config["watchdog_timeout"], (int, float)) or config["watchdog_timeout"] < 0:
-        raise ConfigError(f"watchdog_timeout must be >= 0 seconds, got {config['watchdog_timeout']}")
+    timeout = config["watchdog_timeout"]
+    if not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ConfigError(f"watchdog_timeout must be >= 0 seconds, got {timeout!r}")
     if config["data"]["local"] is None and config["data"]["remote"] is None:
         raise ConfigError("set data.local and/or data.remote (e.g. data.local=shards/)")
     if config["fsdp"]["bf16"] not in ("auto", True, False):

@@ -71,8 +71,11 @@ class MetricsLog:
         if self.file is not None:
             self._write(record)
         if self.file is not None or everywhere:
-            print(f"[rank {self.rank}] event {kind} at step {step}: {text}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"[rank {self.rank}] event {kind} at step {step}: {text}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record, allow_nan=True) + "\n")

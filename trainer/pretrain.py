@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         print(dump(config), end="", flush=True)
         atomic_write(run_dir / "config.yaml", dump(config).encode())
         total_params, _ = count_params(model_config)
-        print(f"model: {total_params / 1e6:.1f}M parameters, {world_size} rank(s) on "
-              f"{device.type}, {'bf16' if bf16 else 'fp32'}", flush=True)
+        print(
+            f"model: {total_params / 1e6:.1f}M parameters, {world_size} rank(s) on "
+            f"{device.type}, {'bf16' if bf16 else 'fp32'}",
+            flush=True,
+        )
     log = MetricsLog(run_dir, rank)
 
     # Checkpoint / resume --------------------------------------------------------------------
@@ -174,8 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         guard.load_state_dict(saved["guard"])
         if auto_microbatch:
             microbatch_size = fit_microbatch(saved["microbatch_size"], per_rank_batch)
-        log.event("resume", step, checkpoint=str(latest), world_size=world_size,
-                  saved_world_size=saved["world_size"], samples_seen=saved["loader"]["samples_seen"])
+        log.event(
+            "resume",
+            step,
+            checkpoint=str(latest),
+            world_size=world_size,
+            saved_world_size=saved["world_size"],
+            samples_seen=saved["loader"]["samples_seen"],
+        )
 
     def trainer_state() -> dict[str, Any]:
         return {
@@ -188,14 +198,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # Training loop --------------------------------------------------------------------------
     search = MicrobatchSearch(
-        model, per_rank_batch, microbatch_size, auto_microbatch,
+        model,
+        per_rank_batch,
+        microbatch_size,
+        auto_microbatch,
         log=lambda kind, **fields: log.event(kind, step, everywhere=True, **fields),
     )
     inject = {kind: parse_injection(spec, rank) for kind, spec in config["inject"].items()}
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
     watchdog = Watchdog(
-        config["watchdog_timeout"], run_dir / f"watchdog-rank{rank}.log",
+        config["watchdog_timeout"],
+        run_dir / f"watchdog-rank{rank}.log",
         describe=lambda: f"on rank {rank} in step {step + 1}",
     )
     seq_len = model_config.seq_len
@@ -228,14 +242,17 @@ def main(argv: list[str] | None = None) -> int:
             inject["nan"], loss_scale = None, float("nan")
 
         loss = search.run(
-            lambda size: forward_backward(
-                model, inputs, targets, size, tokens_per_step, loss_scale
+            partial(
+                forward_backward,
+                model,
+                inputs,
+                targets,
+                global_tokens=tokens_per_step,
+                loss_scale=loss_scale,
             ),
             zero_grad=lambda: optimizer.zero_grad(set_to_none=True),
         )
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), config["optim"]["grad_clip"]
-        )
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["optim"]["grad_clip"])
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         # One all-reduce gives every rank the global loss and whether any rank got SIGTERM.
         shared = torch.stack([loss, torch.tensor(float(bool(stop_requested)), device=device)])
@@ -264,32 +281,42 @@ def main(argv: list[str] | None = None) -> int:
             # to the end of the bad step's batch.
             loader.load_state_dict(loader_after)
             batches = endless(loader)
-            log.event("rollback", step, reason=reason, to_step=saved["step"],
-                      skipped_from=saved["loader"], skipped_to=loader_after, rollbacks=rollbacks)
+            log.event(
+                "rollback",
+                step,
+                reason=reason,
+                to_step=saved["step"],
+                skipped_from=saved["loader"],
+                skipped_to=loader_after,
+                rollbacks=rollbacks,
+            )
             step = saved["step"]
             watchdog.beat()
             continue
 
-        log.step({
-            "step": step,
-            "loss": loss_value,
-            "lr": lr,
-            "grad_norm": grad_norm.item(),
-            "tokens_per_s": tokens_per_step / elapsed,
-            "mfu": model_flops / elapsed / (peak * world_size) if peak else None,
-            "peak_mem_gb": peak_memory_gb(device),
-            "data_wait_s": data_wait,
-            "step_time_s": elapsed,
-            "microbatch_size": search.size,
-            "epoch": loader_after["epoch"],
-            "samples_seen": loader_after["samples_seen"],
-            "skipped": action == SKIP,
-        })
+        log.step(
+            {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens_per_s": tokens_per_step / elapsed,
+                "mfu": model_flops / elapsed / (peak * world_size) if peak else None,
+                "peak_mem_gb": peak_memory_gb(device),
+                "data_wait_s": data_wait,
+                "step_time_s": elapsed,
+                "microbatch_size": search.size,
+                "epoch": loader_after["epoch"],
+                "samples_seen": loader_after["samples_seen"],
+                "skipped": action == SKIP,
+            }
+        )
         watchdog.beat()
         if step % config["save_interval"] == 0 or step == config["max_steps"] or stop:
             watchdog.pause()
-            save_checkpoint(checkpoints, step, model, optimizer, trainer_state(),
-                            config["keep_last"])
+            save_checkpoint(
+                checkpoints, step, model, optimizer, trainer_state(), config["keep_last"]
+            )
             log.event("checkpoint", step, reason="sigterm" if stop else "interval")
             watchdog.beat()
         if stop:
