@@ -31,7 +31,7 @@ from streamshards.convert.inputs import FileReport, InputFile, find_inputs, read
 from streamshards.convert.pack import Deduper, RawPacker, TokenPacker
 from streamshards.convert.spill import WorkFolder, read_spill
 from streamshards.convert.tokenize import TokenizerInfo, describe_tokenizer
-from streamshards.convert.worker import UnitProcessor, WorkerSetup, init_worker, process_unit
+from streamshards.convert.worker import WorkerSetup, init_worker, process_unit, release_worker
 from streamshards.index import INDEX_NAME, IndexFormatError, load_index
 from streamshards.writer import ShardWriter, parse_compression, parse_size
 
@@ -406,21 +406,27 @@ def _layout(info: TokenizerInfo) -> str:
 
 
 class _InlineExecutor:
-    """The one-worker case: units are processed in this process, as they are submitted."""
+    """The one-worker case: each unit is processed in this process when it is submitted."""
 
     def __init__(self, setup: WorkerSetup):
-        self.processor = UnitProcessor(setup)
+        self.saved_parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+        init_worker(setup)
 
     def submit(self, fn, *args) -> Future:
         future: Future = Future()
         try:
-            future.set_result(self.processor.process(*args))
+            future.set_result(fn(*args))
         except BaseException as err:
             future.set_exception(err)
         return future
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        return None
+        """Drop the tokenizer and give back the caller's tokenizer thread setting."""
+        release_worker()
+        if self.saved_parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = self.saved_parallelism
 
 
 def convert(

@@ -80,6 +80,12 @@ def init_worker(setup: WorkerSetup) -> None:
     _processor = UnitProcessor(setup)
 
 
+def release_worker() -> None:
+    """Forget this process's UnitProcessor (the one-worker case runs in the main process)."""
+    global _processor
+    _processor = None
+
+
 def process_unit(kind: str, payload, path: str, first_line: int, spill: Path) -> dict:
     """Process-pool task: one unit through this process's UnitProcessor."""
     return _processor.process(kind, payload, path, first_line, spill)
