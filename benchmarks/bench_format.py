@@ -264,7 +264,7 @@ def plot(rows: list[Row], path: str) -> None:
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("fraction of the physical limit (log scale)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot written to {path}")
