@@ -84,3 +84,9 @@ def test_inspect_and_verify_name_a_folder_without_index(tmp_path: Path) -> None:
         result = CliRunner().invoke(main, [command, str(tmp_path)])
         assert result.exit_code == 1
         assert str(tmp_path / INDEX_NAME) in result.output
+
+
+def test_every_format_command_has_help_with_an_example() -> None:
+    for command in ("inspect", "verify", "merge"):
+        result = CliRunner().invoke(main, [command, "--help"])
+        assert result.exit_code == 0 and "Example: streamshards " + command in result.output
