@@ -7,6 +7,7 @@ See docs/CONVERT.md. The command is ``streamshards.convert.cli:convert``; from P
 """
 
 from streamshards.convert.errors import ConvertError
-from streamshards.convert.run import ConvertOptions, ConvertResult, Progress, convert
+from streamshards.convert.options import ConvertOptions, ConvertResult, Progress
+from streamshards.convert.run import convert
 
 __all__ = ["ConvertError", "ConvertOptions", "ConvertResult", "Progress", "convert"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from streamshards.convert.errors import ConvertError
+from streamshards.convert.options import ConvertOptions, ConvertResult, Progress
 from streamshards.convert.remote import RemoteOutput
-from streamshards.convert.run import ConvertOptions, ConvertResult, Progress
 from streamshards.convert.run import convert as run_convert
 
 

@@ -181,8 +181,10 @@ def read_units(
             yield from _whole_file_unit(raw, source, file_number, report)
         else:
             yield from _line_units(raw, source, file_number, unit_bytes, report)
-    finally:
-        report.xxh3_64 = raw.finish()
+    except BaseException:
+        raw.file.close()  # the job stops: no need to hash the rest
+        raise
+    report.xxh3_64 = raw.finish()
 
 
 def _whole_file_unit(

@@ -15,10 +15,10 @@ import re
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -28,6 +28,12 @@ from streamshards import __version__
 from streamshards.convert.documents import DocumentRules, load_filter
 from streamshards.convert.errors import ConvertError
 from streamshards.convert.inputs import FileReport, InputFile, find_inputs, read_units
+from streamshards.convert.options import (
+    ConvertOptions,
+    ConvertResult,
+    Progress,
+    parse_keep_fields,
+)
 from streamshards.convert.pack import Deduper, RawPacker, TokenPacker
 from streamshards.convert.spill import WorkFolder, read_spill
 from streamshards.convert.tokenize import TokenizerInfo, describe_tokenizer
@@ -37,77 +43,6 @@ from streamshards.writer import ShardWriter, parse_compression, parse_size
 
 DEDUP_RULE = "exact: xxh3-128 of the text lowercased, whitespace runs collapsed; first kept"
 _SHARD_FILE = re.compile(r"^\.?shard\.\d{6}\.ssd(\.zst)?(\.tmp)?$")
-
-
-@dataclass
-class ConvertOptions:
-    """The options of ``streamshards convert``; see ``streamshards convert --help``."""
-
-    inputs: Sequence[str]
-    out: str
-    text_field: str = "text"
-    keep_fields: Sequence[str] = ()
-    compression: str | None = "zstd"
-    size_limit: str | int = "64MB"
-    workers: int | None = None
-    on_error: str = "fail"
-    txt_per_line: bool = False
-    tokenizer: str | None = None
-    seq_len: int = 2048
-    eos_id: int | None = None
-    bos_id: int | None = None
-    tail: str = "drop"
-    min_chars: int | None = None
-    max_chars: int | None = None
-    dedup: bool = False
-    user_filter: str | None = None
-    unit_size: str | int = "2MB"
-    overwrite: bool = False
-
-
-@dataclass
-class Progress:
-    """Where a running job is: input bytes consumed (of the total), documents and tokens."""
-
-    bytes_done: int
-    bytes_total: int
-    documents: int
-    tokens: int
-
-
-@dataclass
-class ConvertResult:
-    """What a finished job did, for the summary table."""
-
-    out: str
-    documents_read: int = 0
-    documents_written: int = 0
-    samples: int = 0
-    tokens: int = 0
-    shards: int = 0
-    bytes_in: int = 0
-    bytes_read: int = 0
-    bytes_out: int = 0
-    seconds: float = 0.0
-    units: int = 0
-    units_reused: int = 0
-    dropped: dict = field(default_factory=dict)
-    bad_records: dict = field(default_factory=dict)
-    already_done: bool = False
-
-
-def parse_keep_fields(specs: Sequence[str], text_field: str) -> tuple[tuple[str, str], ...]:
-    """``url``, ``timestamp`` or ``meta:json`` -> ((name, column type), ...)."""
-    fields = []
-    for spec in specs:
-        name, _, ctype = spec.partition(":")
-        ctype = ctype or "str"
-        if not name or ctype not in ("str", "json"):
-            raise ConvertError(f"--keep-fields {spec!r}: expected NAME or NAME:json")
-        if name in ("text", text_field) or name in (f for f, _ in fields):
-            raise ConvertError(f"--keep-fields {spec!r}: column {name!r} is already kept")
-        fields.append((name, ctype))
-    return tuple(fields)
 
 
 class ConvertJob:
