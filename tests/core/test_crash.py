@@ -43,12 +43,12 @@ def dataset_state(out: Path) -> int | None:
     return round_number
 
 
-def write_round(out: Path, round_number: int) -> None:
+def write_round(out: Path, round_number: int, size_limit: int = 900) -> None:
     write_dataset(
         out,
         COLUMNS,
         text_samples(40, seed=round_number),
-        size_limit=900,
+        size_limit=size_limit,
         overwrite=True,
         provenance={"round": round_number},
     )
@@ -95,7 +95,7 @@ def die_at_step(step: int) -> None:
 
 def overwrite_dying(out: Path, step: int) -> None:
     die_at_step(step)
-    write_round(out, 2)
+    write_round(out, 2, size_limit=3000)
 
 
 def count_steps(out: Path) -> int:
@@ -113,7 +113,7 @@ def count_steps(out: Path) -> int:
 
     os.fsync, os.replace, os.unlink = (counted(call) for call in saved)
     try:
-        write_round(out, 2)
+        write_round(out, 2, size_limit=3000)
     finally:
         os.fsync, os.replace, os.unlink = saved
     assert {"fsync", "replace", "unlink"} <= set(calls), calls
