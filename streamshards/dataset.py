@@ -311,13 +311,17 @@ class StreamingDataset(IterableDataset):
                 _, first = np.unique(wanted, return_index=True)
                 source.prefetch([int(s) for s in wanted[np.sort(first)]])
 
-    def iter_batches(self, lookahead: int = 4) -> Iterator[dict[str, Any]]:
+    def iter_batches(self, lookahead: int = 4, join: int = 1) -> Iterator[dict[str, Any]]:
         """This rank's (and worker's) batches as dicts of column arrays or lists.
 
-        The shards of the next ``lookahead`` batches are handed to the sources to prefetch.
+        The shards of the next ``lookahead`` reads are handed to the sources to prefetch.
+        ``join`` consecutive batches are read as one, which amortises per-read costs when
+        the caller splits them into samples anyway.
         """
         order = self.order(self.epoch)
-        upcoming = (order.locate(positions) for positions in self.position_batches())
+        batches = self.position_batches()
+        joined = iter(lambda: list(islice(batches, join)), [])
+        upcoming = (order.locate(np.concatenate(chunk)) for chunk in joined)
         pending: deque = deque()
         for located in islice(upcoming, lookahead + 1):
             pending.append(located)
@@ -357,7 +361,7 @@ class StreamingDataset(IterableDataset):
         scalars = [
             n for n, t in zip(self.columns, self.column_types) if t.kind in ("int64", "float64")
         ]
-        for batch in self.iter_batches():
+        for batch in self.iter_batches(join=max(1, 256 // self.batch_size)):
             for name in scalars:
                 batch[name] = batch[name].tolist()
             size = len(next(iter(batch.values())))
