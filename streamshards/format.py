@@ -14,8 +14,10 @@ Layout (all integers little-endian, see docs/FORMAT.md):
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import xxhash
@@ -42,32 +44,70 @@ def _pad(pos: int) -> int:
     return -pos % ALIGN
 
 
-def build_shard(columns: list[tuple[ColumnType, list[bytes]]], num_samples: int) -> bytes:
-    """Lay out one raw (uncompressed) shard from per-column lists of encoded values."""
+def shard_chunks(columns: list[tuple[ColumnType, list[bytes]]], num_samples: int) -> list[bytes]:
+    """One raw (uncompressed) shard laid out as a list of byte strings, in file order.
+
+    The values are not joined, so a shard is written without copying it whole.
+    """
     pos = _HEAD.size + _COL.size * len(columns)
-    parts: list[bytes] = []
+    chunks: list[bytes] = []
     table: list[tuple[int, int, int]] = []
 
-    def place(blob: bytes) -> int:
+    def place(blobs: list[bytes], size: int) -> int:
         nonlocal pos
         pad = _pad(pos)
-        parts.append(b"\0" * pad)
-        parts.append(blob)
+        chunks.append(b"\0" * pad)
+        chunks.extend(blobs)
         start = pos + pad
-        pos = start + len(blob)
+        pos = start + size
         return start
 
     for ctype, values in columns:
         offsets_pos = 0
+        size = sum(map(len, values))
         if ctype.fixed_size is None:
             offsets = np.zeros(num_samples + 1, dtype="<u8")
             np.cumsum([len(v) for v in values], out=offsets[1:])
-            offsets_pos = place(offsets.tobytes())
-        data = b"".join(values)
-        table.append((offsets_pos, place(data), len(data)))
+            offsets_pos = place([offsets.tobytes()], 8 * (num_samples + 1))
+        table.append((offsets_pos, place(values, size), size))
     head = _HEAD.pack(MAGIC, num_samples, len(columns), 0)
     head += b"".join(_COL.pack(*entry) for entry in table)
-    return head + b"".join(parts)
+    return [head, *chunks]
+
+
+def build_shard(columns: list[tuple[ColumnType, list[bytes]]], num_samples: int) -> bytes:
+    """One raw (uncompressed) shard as bytes."""
+    return b"".join(shard_chunks(columns, num_samples))
+
+
+def write_shard(path: Path, chunks: list[bytes], level: int | None) -> tuple[int, int, str]:
+    """Write a raw shard's chunks to ``path``, zstd-compressed unless ``level`` is None.
+
+    Compresses and hashes as it writes, with no whole-shard copy; the zstd frame records
+    the raw size and a checksum. Returns (raw bytes, stored bytes, stored hash).
+    """
+    raw_bytes = sum(map(len, chunks))
+    digest = xxhash.xxh3_64()
+    stored = 0
+    compressor = None
+    if level is not None:
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        compressor = cctx.compressobj(size=raw_bytes)
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            out = chunk if compressor is None else compressor.compress(chunk)
+            if out:
+                digest.update(out)
+                f.write(out)
+                stored += len(out)
+        if compressor is not None:
+            out = compressor.flush()
+            digest.update(out)
+            f.write(out)
+            stored += len(out)
+        f.flush()
+        os.fsync(f.fileno())
+    return raw_bytes, stored, digest.hexdigest()
 
 
 def compress(raw: bytes, level: int | None) -> bytes:

@@ -10,7 +10,7 @@ from typing import Any
 
 from streamshards import __version__
 from streamshards.columns import encode, parse_column_type
-from streamshards.format import build_shard, compress, stored_hash
+from streamshards.format import shard_chunks, write_shard
 from streamshards.index import (
     INDEX_NAME,
     Index,
@@ -129,26 +129,16 @@ class ShardWriter:
         """Finish the current shard: build, compress, hash, write to a temporary name, rename."""
         if not self._count:
             return
-        raw = build_shard(list(zip(self.types, self._buffers)), self._count)
-        stored = compress(raw, self.level)
+        chunks = shard_chunks(list(zip(self.types, self._buffers)), self._count)
         suffix = ".ssd.zst" if self.level is not None else ".ssd"
         name = f"{self.shard_prefix}.{len(self.shards):06d}{suffix}"
         tmp = self.out / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(stored)
-            f.flush()
-            os.fsync(f.fileno())
+        raw_bytes, stored_bytes, digest = write_shard(tmp, chunks, self.level)
         os.replace(tmp, self.out / name)
         fsync_folder(self.out)
+        compression = "zstd" if self.level is not None else None
         self.shards.append(
-            ShardInfo(
-                name,
-                self._count,
-                len(raw),
-                len(stored),
-                stored_hash(stored),
-                "zstd" if self.level is not None else None,
-            )
+            ShardInfo(name, self._count, raw_bytes, stored_bytes, digest, compression)
         )
         self._buffers = [[] for _ in self.types]
         self._count = 0
