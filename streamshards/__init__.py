@@ -1,20 +1,27 @@
 """streamshards: compressed, indexed shards and an exactly-once, instantly resumable loader."""
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from streamshards.dataset import Stream, StreamingDataset  # noqa: E402
-from streamshards.index import Index, load_index  # noqa: E402
-from streamshards.loader import StreamingDataLoader  # noqa: E402
-from streamshards.merge import merge  # noqa: E402
-from streamshards.writer import ShardWriter  # noqa: E402
+# Imported on first use, so the command line and the writer start without loading torch.
+_LAZY = {
+    "Index": "streamshards.index",
+    "load_index": "streamshards.index",
+    "ShardWriter": "streamshards.writer",
+    "merge": "streamshards.merge",
+    "Stream": "streamshards.dataset",
+    "StreamingDataset": "streamshards.dataset",
+    "StreamingDataLoader": "streamshards.loader",
+}
 
-__all__ = [
-    "Index",
-    "ShardWriter",
-    "Stream",
-    "StreamingDataLoader",
-    "StreamingDataset",
-    "load_index",
-    "merge",
-    "__version__",
-]
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'streamshards' has no attribute {name!r}")
