@@ -32,8 +32,34 @@ def init_distributed(timeout_seconds: float = 600.0) -> tuple[torch.device, int,
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
+        timeout = timedelta(seconds=timeout_seconds)
+        dist.init_process_group(
+            backend,
+            timeout=timeout,
+            store=_attempt_store(timeout),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store | None:
+    """A store private to this launch attempt when torchrun shares its rendezvous store.
+
+    torchrun (torch 2.13) keeps one store across ``--max-restarts`` attempts, so a restarted
+    process group would read the previous attempt's addresses and fail to connect
+    ("Gloo connectFullMesh failed ... Connection refused"). Keys are prefixed by attempt.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"trainer/attempt{attempt}", client)
 
 
 def _free_port() -> int:

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     watchdog = Watchdog(
         config["watchdog_timeout"],
         run_dir / f"watchdog-rank{rank}.log",
-        describe=lambda: f"on rank {rank} in step {step + 1}",
+        describe=lambda: f"on rank {rank} in step {step}",
     )
     seq_len = model_config.seq_len
     tokens_per_step = config["global_batch_size"] * seq_len
@@ -218,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_flops(device, config["peak_flops"])
     batches = endless(loader)
     while step < config["max_steps"]:
+        step += 1
         started = time.perf_counter()
         batch = next(batches)
         data_wait = time.perf_counter() - started
         loader_after = loader.state_dict()
         tokens = batch[data["column"]].to(device, dtype=torch.long, non_blocking=True)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        step += 1
         lr = lr_at(step, config["optim"], config["max_steps"])
         for group in optimizer.param_groups:
             group["lr"] = lr
