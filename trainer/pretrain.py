@@ -205,8 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         log=lambda kind, **fields: log.event(kind, step, everywhere=True, **fields),
     )
     inject = {kind: parse_injection(spec, rank) for kind, spec in config["inject"].items()}
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+    stop_requested: list[int] = []
+
+    def request_stop(signum: int, frame: Any) -> None:
+        """SIGTERM or Ctrl-C: checkpoint after this step and exit; a second Ctrl-C aborts."""
+        if stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     watchdog = Watchdog(
         config["watchdog_timeout"],
         run_dir / f"watchdog-rank{rank}.log",
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["optim"]["grad_clip"])
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        # One all-reduce gives every rank the global loss and whether any rank got SIGTERM.
+        # One all-reduce gives every rank the global loss and whether any rank was asked to stop.
         shared = torch.stack([loss, torch.tensor(float(bool(stop_requested)), device=device)])
         dist.all_reduce(shared)
         loss_value, stop = shared[0].item(), shared[1].item() > 0
@@ -317,10 +325,10 @@ def main(argv: list[str] | None = None) -> int:
             save_checkpoint(
                 checkpoints, step, model, optimizer, trainer_state(), config["keep_last"]
             )
-            log.event("checkpoint", step, reason="sigterm" if stop else "interval")
+            log.event("checkpoint", step, reason="stop" if stop else "interval")
             watchdog.beat()
         if stop:
-            log.event("stop", step, reason="SIGTERM: checkpoint saved, exiting")
+            log.event("stop", step, reason="signal: checkpoint saved, exiting")
             break
 
     watchdog.stop()

@@ -62,7 +62,7 @@ def test_spike_rolls_back_to_the_checkpoint_and_skips_the_data_window(
 def test_too_many_rollbacks_end_the_run_with_an_error(tmp_path: Path, token_data: Path) -> None:
     run_dir = tmp_path / "give_up"
     code, output = train(
-        token_data, run_dir, "inject.spike=5", "guard.max_rollbacks=0", "max_steps=6"
+        token_data, run_dir, "inject.spike=5", "guard.max_rollbacks=0", "max_steps=6", nproc=0
     )
     assert code != 0
     (give_up,) = events(run_dir, "give_up")
