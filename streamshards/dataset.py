@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -311,29 +311,49 @@ class StreamingDataset(IterableDataset):
                 _, first = np.unique(wanted, return_index=True)
                 source.prefetch([int(s) for s in wanted[np.sort(first)]])
 
-    def iter_batches(self, lookahead: int = 4, join: int = 1) -> Iterator[dict[str, Any]]:
+    def iter_batches(self, join: int = 1) -> Iterator[dict[str, Any]]:
         """This rank's (and worker's) batches as dicts of column arrays or lists.
 
-        The shards of the next ``lookahead`` reads are handed to the sources to prefetch.
         ``join`` consecutive batches are read as one, which amortises per-read costs when
         the caller splits them into samples anyway.
         """
-        order = self.order(self.epoch)
-        batches = self.position_batches()
-        joined = iter(lambda: list(islice(batches, join)), [])
-        upcoming = (order.locate(np.concatenate(chunk)) for chunk in joined)
-        pending: deque = deque()
-        for located in islice(upcoming, lookahead + 1):
-            pending.append(located)
-            self._hint(located)
-        while pending:
-            located = pending.popleft()
-            for later in islice(upcoming, 1):
-                pending.append(later)
-                self._hint(later)
+        for located in self._located(self.order(self.epoch), join):
             yield self.read(*located)
         if get_worker_info() is None:
             self.set_epoch(self.epoch + 1)
+
+    def _located(self, order: EpochOrder, join: int, chunk: int = 2048) -> Iterator[tuple]:
+        """(stream, shard, sample) arrays of each read, looked up ``chunk`` positions at a time.
+
+        Lookups are batched because their cost is per call, not per position; each chunk is
+        looked up, and its shards handed to the sources to prefetch, one chunk ahead of use.
+        """
+        batches = self.position_batches()
+        units = iter(lambda: list(islice(batches, join)), [])
+
+        def chunks() -> Iterator[list[tuple]]:
+            while True:
+                group: list[np.ndarray] = []
+                size = 0
+                for unit in units:
+                    group.append(np.concatenate(unit))
+                    size += len(group[-1])
+                    if size >= chunk:
+                        break
+                if not group:
+                    return
+                located = order.locate(np.concatenate(group))
+                self._hint(located)
+                bounds = [0, *np.cumsum([len(g) for g in group]).tolist()]
+                spans = list(zip(bounds, bounds[1:]))
+                yield [tuple(a[lo:hi] for a in located) for lo, hi in spans]
+
+        pending = chunks()
+        current = next(pending, None)
+        while current is not None:
+            ahead = next(pending, None)
+            yield from current
+            current = ahead
 
     def read(self, streams: np.ndarray, shards: np.ndarray, js: np.ndarray) -> dict[str, Any]:
         """Gather samples (stream, shard, index) into one batch: arrays for fixed-size columns."""

@@ -181,8 +181,8 @@ def groups(keys: np.ndarray) -> list[np.ndarray]:
     """Indices of ``keys`` grouped by equal key (one sort, no per-key scan)."""
     order = np.argsort(keys, kind="stable")
     ordered = keys[order]
-    cuts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
-    return np.split(order, cuts)
+    bounds = [0, *(np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist(), len(keys)]
+    return [order[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
 
 
 def epoch_end(epoch_size: int, global_batch: int, world_size: int, drop_last: bool) -> int:
