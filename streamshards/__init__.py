@@ -7,18 +7,18 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from streamshards.index import Index, load_index  # noqa: E402
+from streamshards.merge import merge  # noqa: E402
+from streamshards.writer import ShardWriter  # noqa: E402
+
 # Imported on first use, so the command line and the writer start without loading torch.
 _LAZY = {
-    "Index": "streamshards.index",
-    "load_index": "streamshards.index",
-    "ShardWriter": "streamshards.writer",
-    "merge": "streamshards.merge",
     "Stream": "streamshards.dataset",
     "StreamingDataset": "streamshards.dataset",
     "StreamingDataLoader": "streamshards.loader",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = ["Index", "ShardWriter", "load_index", "merge", *_LAZY, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
