@@ -247,6 +247,12 @@ class StreamingDataset(IterableDataset):
         _, world_size = self.rank_world or world()
         return epoch_end(self.epoch_size, self.batch_size * world_size, world_size, self.drop_last)
 
+    def num_batches(self) -> int:
+        """Batches this rank yields from ``samples_seen`` to the end of the current epoch."""
+        rank, world_size = self.rank_world or world()
+        end = self.epoch_end()
+        return rank_batches(min(self.samples_seen, end), end, rank, world_size, self.batch_size)[1]
+
     def state_dict(self, num_samples_seen: int, epoch: int | None = None) -> dict[str, Any]:
         """A resumable state after ``num_samples_seen`` samples (all ranks) of ``epoch``."""
         epoch = self.epoch if epoch is None else epoch

@@ -19,6 +19,9 @@ class _Batches(IterableDataset):
     def __init__(self, dataset: StreamingDataset):
         self.dataset = dataset
 
+    def __len__(self) -> int:
+        return self.dataset.num_batches()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.dataset.iter_batches():
             yield {
@@ -66,6 +69,12 @@ class StreamingDataLoader(DataLoader):
             self.samples_seen = min(self.samples_seen + global_batch, end)
             yield batch
         self.epoch, self.samples_seen = self.epoch + 1, 0
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch on this rank."""
+        dataset = self.streaming
+        dataset.epoch, dataset.samples_seen = self.epoch, self.samples_seen
+        return dataset.num_batches()
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values: epoch, samples consumed by all ranks this epoch, and fingerprints."""

@@ -78,3 +78,16 @@ def test_random_access_matches_iteration(tmp_path, make_dataset):
     assert [dataset[i]["id"] for i in (0, 76, 33)] == [0, 76, 33]
     with pytest.raises(IndexError):
         dataset[77]
+
+
+def test_len_counts_the_batches_left(tmp_path, make_dataset, monkeypatch):
+    data = make_dataset(tmp_path / "d", 0, 103)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    loader = StreamingDataLoader(StreamingDataset(local=data, shuffle=True, batch_size=5))
+    assert len(loader) == 11  # 103 samples, 10 per global batch: 10 whole and 3 more
+    batches = iter(loader)
+    for _ in range(4):
+        next(batches)
+    assert len(loader) == 7
+    assert sum(1 for _ in batches) == 7
