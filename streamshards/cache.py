@@ -82,10 +82,44 @@ def download_verified(storage: Storage, info: ShardInfo, f, progress: Progress =
     )
 
 
+# Every lock descriptor this process has open. A forked child inherits them, and with them
+# the parent's locks (flock belongs to the open file, shared by both copies): the child closes
+# its copies at once, without unlocking, so it never holds a lock it does not know about.
+_lock_fds: set[int] = set()
+_lock_fds_mutex = threading.Lock()
+
+
+def _open_lock(path: Path) -> int:
+    with _lock_fds_mutex:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        _lock_fds.add(fd)
+    return fd
+
+
+def _close_lock(fd: int) -> None:
+    with _lock_fds_mutex:
+        _lock_fds.discard(fd)
+        os.close(fd)
+
+
+def _close_inherited_locks() -> None:
+    for fd in _lock_fds:
+        os.close(fd)
+    _lock_fds.clear()
+    _lock_fds_mutex.release()
+
+
+os.register_at_fork(
+    before=_lock_fds_mutex.acquire,
+    after_in_parent=_lock_fds_mutex.release,
+    after_in_child=_close_inherited_locks,
+)
+
+
 @contextmanager
 def flocked(path: Path, mode: int) -> Iterator[int | None]:
     """Hold ``flock(mode)`` on ``path`` for the block; yields None if LOCK_NB found it taken."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(path)
     try:
         try:
             fcntl.flock(fd, mode)
@@ -94,7 +128,7 @@ def flocked(path: Path, mode: int) -> Iterator[int | None]:
             return
         yield fd
     finally:
-        os.close(fd)
+        _close_lock(fd)
 
 
 class RemoteSource(ShardSource):
@@ -139,10 +173,7 @@ class RemoteSource(ShardSource):
         self._closed = False
 
     def _ensure_process(self) -> None:
-        if self._pid != os.getpid():
-            # Inherited descriptors share their lock with the parent: close, never unlock.
-            for fd in self._holds.values():
-                os.close(fd)
+        if self._pid != os.getpid():  # forked: the hold descriptors are closed already
             self._reset_process_state()
 
     def __getstate__(self) -> dict:
@@ -199,7 +230,9 @@ class RemoteSource(ShardSource):
         start = time.perf_counter()
         with self._cond:
             self._refs[shard] += 1
-            self._pinned.discard(shard)
+            if shard in self._pinned:
+                self._pinned.discard(shard)
+                self._cond.notify_all()  # room to fetch one more ahead
         try:
             self._hold(shard)
             if target.exists():
@@ -282,13 +315,11 @@ class RemoteSource(ShardSource):
     def _hold(self, shard: int) -> None:
         if shard in self._holds:
             return
-        fd = os.open(
-            self._lock_path(self.index.shards[shard].file, "use"), os.O_RDWR | os.O_CREAT, 0o644
-        )
+        fd = _open_lock(self._lock_path(self.index.shards[shard].file, "use"))
         fcntl.flock(fd, fcntl.LOCK_SH)
         with self._cond:
             if shard in self._holds:
-                os.close(fd)  # another thread of this process got there first
+                _close_lock(fd)  # another thread of this process got there first
             else:
                 self._holds[shard] = fd
 
@@ -302,11 +333,11 @@ class RemoteSource(ShardSource):
         """Release a hold; with a limit, trim the cache in the same critical section."""
         if self.cache_limit is None:
             fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            _close_lock(fd)
             return
         with self._cache_lock():
             fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            _close_lock(fd)
             self._scan(evict_to=self.cache_limit)
 
     # -- downloading

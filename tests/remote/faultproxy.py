@@ -34,6 +34,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
         self.applied: list[str] = []
+        self._resetting: set[int] = set()  # ids of sockets to close with RST, not FIN
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -82,11 +83,13 @@ class FaultProxy:
             pass
         finally:
             for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                if id(sock) not in self._resetting:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
                 sock.close()
+                self._resetting.discard(id(sock))
 
     def _arm_if_due(self, total: int) -> Fault | None:
         """Claim a fault for this response stream once it grows past the fault's offset."""
@@ -94,20 +97,27 @@ class FaultProxy:
             for fault in self._faults:
                 if fault.times > 0 and total > fault.after_bytes:
                     fault.times -= 1
-                    return Fault(fault.kind, fault.after_bytes, 0, fault.stall_seconds,
-                                 fault.bytes_per_second)
+                    return Fault(
+                        fault.kind,
+                        fault.after_bytes,
+                        0,
+                        fault.stall_seconds,
+                        fault.bytes_per_second,
+                    )
         return None
 
-    def _apply(self, fault: Fault, rest: bytes, source: socket.socket,
-               sink: socket.socket) -> bool:
+    def _apply(self, fault: Fault, rest: bytes, source: socket.socket, sink: socket.socket) -> bool:
         """Apply ``fault`` at the cut; True if the connection is finished."""
         with self._lock:
             self.applied.append(fault.kind)
         if fault.kind == "drop":
             return True
         if fault.kind == "reset":
+            # With linger 0 the last close sends RST. SHUT_RD wakes the other pump thread,
+            # blocked in recv on this socket, so that close happens now.
             sink.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sink.close()  # with linger 0 the close sends RST, not FIN
+            self._resetting.add(id(sink))
+            sink.shutdown(socket.SHUT_RD)
             return True
         if fault.kind == "stall":
             time.sleep(fault.stall_seconds)
@@ -127,7 +137,7 @@ class FaultProxy:
         step = max(1, rate // 20)
         while True:
             for i in range(0, len(data), step):
-                sink.sendall(data[i:i + step])
+                sink.sendall(data[i : i + step])
                 time.sleep(0.05)
             data = source.recv(65536)
             if not data:
