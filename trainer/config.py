@@ -67,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
     },
     # Fault injection for tests: "STEP" (every rank) or "STEP@RANK"; fires in the first
     # launch attempt only (TORCHELASTIC_RESTART_COUNT unset or 0).
-    "inject": {"oom": None, "spike": None, "nan": None, "hang": None},
+    "inject": {"oom": None, "oom_backward": None, "spike": None, "nan": None, "hang": None},
 }
 
 

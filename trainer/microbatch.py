@@ -73,15 +73,19 @@ class OomAgreement:
         if flag.item() and not failed:
             raise OutOfMemoryElsewhere("another rank ran out of memory")
 
+    # The hooks run eagerly even inside a compiled block (``Module.compile`` traces hooks).
+    @torch.compiler.disable
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         self.check()
 
+    @torch.compiler.disable
     def _wrap_input(self, module: nn.Module, args: tuple) -> tuple:
         x, *rest = args
         if not x.requires_grad:
             return args
         return (_CheckInBackward.apply(self, x), *rest)
 
+    @torch.compiler.disable
     def _wrap_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return _CheckInBackward.apply(self, output)
 

@@ -83,10 +83,14 @@ def endless(loader: StreamingDataLoader):
         yield from loader
 
 
-def ignore_sigterm(worker_id: int) -> None:
-    """Data-loader workers ignore SIGTERM (torchrun signals the whole process group), so the
-    trainer can finish its checkpoint; they exit when the trainer does."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def own_process_group(worker_id: int) -> None:
+    """Move a data-loader worker out of the trainer's process group.
+
+    torchrun's SIGTERM (sent to the group) and a terminal's Ctrl-C then reach only the
+    trainer, which finishes its checkpoint instead of failing on a killed worker; the
+    workers still stop when the trainer does.
+    """
+    os.setpgrp()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_limit=data["cache_limit"],
     )
     loader = StreamingDataLoader(
-        dataset, num_workers=data["num_workers"], worker_init_fn=ignore_sigterm
+        dataset, num_workers=data["num_workers"], worker_init_fn=own_process_group
     )
     resolve_vocab_size(config, dataset)
     check_token_column(config, dataset)
@@ -240,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         if inject["hang"] == step:
             inject["hang"] = None
             time.sleep(10**6)
-        if inject["oom"] == step:
-            inject["oom"] = None
-            raise_oom_once(model, step, rank)
+        for kind in ("oom", "oom_backward"):
+            if inject[kind] == step:
+                inject[kind] = None
+                raise_oom_once(model, step, rank, backward=kind == "oom_backward")
         loss_scale = 1.0
         if inject["spike"] == step:
             inject["spike"], loss_scale = None, 100.0
@@ -331,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             log.event("stop", step, reason="signal: checkpoint saved, exiting")
             break
 
+    batches.close()  # stops the data-loader workers now
     watchdog.stop()
     log.close()
     dist.destroy_process_group()
@@ -395,14 +401,24 @@ def check_token_column(config: dict[str, Any], dataset: StreamingDataset) -> Non
         )
 
 
-def raise_oom_once(model: Transformer, step: int, rank: int) -> None:
-    """Make the first block's next forward raise a CUDA out-of-memory error (fault injection)."""
+def raise_oom_once(model: Transformer, step: int, rank: int, backward: bool) -> None:
+    """Fault injection: the next forward of the first block, or the backward of the last,
+    raises a CUDA out-of-memory error on this rank."""
+    where = "backward" if backward else "forward"
 
-    def hook(module, args, output):
+    def raise_error(*args: Any) -> None:
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory (injected in {where} at step {step} on rank {rank})"
+        )
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
         handle.remove()
-        raise torch.OutOfMemoryError(f"CUDA out of memory (injected at step {step} on rank {rank})")
+        if backward:
+            output.register_hook(raise_error)
+        else:
+            raise_error()
 
-    handle = model.blocks[0].register_forward_hook(hook)
+    handle = model.blocks[-1 if backward else 0].register_forward_hook(hook)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,17 @@ def test_injected_oom_halves_the_microbatch_on_every_rank_and_redoes_the_step(
         assert got[step] == pytest.approx(small[step], rel=1e-5, abs=1e-6), step
 
 
+def test_an_oom_in_backward_is_agreed_before_the_gradient_reduce_scatter(
+    tmp_path: Path, token_data: Path
+) -> None:
+    run_dir = tmp_path / "oom_backward"
+    code, output = train(token_data, run_dir, "inject.oom_backward=2@0", "max_steps=3")
+    assert code == 0, output
+    assert "injected in backward" in output and "where=another rank" in output
+    steps, _ = read_metrics(run_dir)
+    assert [steps[s]["microbatch_size"] for s in (1, 2, 3)] == [4, 2, 2]
+
+
 def test_spike_rolls_back_to_the_checkpoint_and_skips_the_data_window(
     tmp_path: Path, token_data: Path, reference: Path
 ) -> None:
