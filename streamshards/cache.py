@@ -31,7 +31,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from streamshards.format import ShardError, stored_hash
-from streamshards.index import INDEX_NAME, Index, ShardInfo, atomic_write, parse_index_bytes
+from streamshards.index import (
+    INDEX_NAME,
+    Index,
+    IndexFormatError,
+    ShardInfo,
+    atomic_write,
+    parse_index_bytes,
+)
 from streamshards.source import ShardSource
 from streamshards.storage import Progress, RetryPolicy, Storage, open_storage
 from streamshards.writer import parse_size
@@ -173,7 +180,8 @@ class RemoteSource(ShardSource):
         self._closed = False
 
     def _ensure_process(self) -> None:
-        if self._pid != os.getpid():  # forked: the hold descriptors are closed already
+        if self._pid != os.getpid():  # forked: the lock descriptors are closed already
+            self._session = None
             self._reset_process_state()
 
     def __getstate__(self) -> dict:
@@ -182,6 +190,7 @@ class RemoteSource(ShardSource):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._session = None
         self._reset_process_state()
 
     # -- paths of the cache layout
@@ -192,30 +201,57 @@ class RemoteSource(ShardSource):
         return flocked(self._lock_path("cache", ""), fcntl.LOCK_EX)
 
     def _load_index(self) -> Index:
-        """Fetch index.json once per node: the first process downloads, the rest read it."""
+        """The index, fetched once per node and run.
+
+        Every live RemoteSource holds a shared lock on ``.locks/session``. A process that
+        finds no other holder starts a new run: it fetches index.json again (the remote may
+        have changed since the cache was filled) and drops cached shards it no longer lists.
+        Later processes of the same run read the local copy.
+        """
         path = self.local / INDEX_NAME
         with self._cache_lock():
-            if path.exists():
-                index = parse_index_bytes(path.read_bytes(), str(path))
-            else:
+            self._session = _open_lock(self._lock_path("session", ""))
+            try:
+                fcntl.flock(self._session, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                first = True
+            except BlockingIOError:
+                first = False
+            if first or not path.exists():
                 data = self.storage.get_bytes(INDEX_NAME)
                 index = parse_index_bytes(data, self.storage.url_of(INDEX_NAME))
-                self._drop_mismatched(index)
-                atomic_write(path, data)
+                old = path.read_bytes() if path.exists() else None
+                if data != old:
+                    self._drop_stale_shards(index, old)
+                    atomic_write(path, data)
+            else:
+                index = parse_index_bytes(path.read_bytes(), str(path))
+            fcntl.flock(self._session, fcntl.LOCK_SH)  # safe: starters take the cache lock first
             self._sizes = {info.file: info.stored_bytes for info in index.shards}
             self._scan()
         return index
 
-    def _drop_mismatched(self, index: Index) -> None:
-        """Remove cached shards left from another version of the dataset (new index only)."""
-        for info in index.shards:
-            target = self.local / info.file
+    def _drop_stale_shards(self, index: Index, old_index: bytes | None) -> None:
+        """Remove cached shards that the new index does not list with the same size and hash."""
+        wanted = {info.file: info for info in index.shards}
+        old = None
+        if old_index is not None:
+            try:
+                old = {s.file: s for s in parse_index_bytes(old_index, "old index").shards}
+            except IndexFormatError:
+                pass
+        for name in set(wanted) | set(old or ()):
+            target = self.local / name
             if not target.exists():
                 continue
-            with open(target, "rb") as f:
-                if os.fstat(f.fileno()).st_size == info.stored_bytes and file_hash(f) == info.hash:
-                    continue
-            log.info("cache %s: dropping %s, which does not match the index", self.local, info.file)
+            info = wanted.get(name)
+            if info is not None and old is not None and old.get(name) == info:
+                continue  # verified against the old index, which says the same
+            if info is not None and old is None:
+                with open(target, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size == info.stored_bytes and file_hash(f) == info.hash:
+                        continue
+            log.info("cache %s: dropping %s, not in the current index", self.local, name)
             target.unlink()
 
     # -- the consumer interface
@@ -304,6 +340,17 @@ class RemoteSource(ShardSource):
             self._pinned.clear()
         for fd in fds:
             self._drop(fd)
+        if self._session is not None:
+            _close_lock(self._session)
+            self._session = None
+
+    def __del__(self) -> None:
+        # A source dropped without close() must not keep shards pinned in a shared cache.
+        if getattr(self, "_pid", None) == os.getpid() and not self._threads:
+            try:
+                self.close()
+            except Exception:  # interpreter shutdown: the kernel releases the locks anyway
+                pass
 
     def __enter__(self) -> RemoteSource:
         return self

@@ -6,6 +6,7 @@ The library never hears of these: it reaches them through the standard endpoint 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -40,6 +41,13 @@ def write_dataset(folder: Path, samples: int, shard_bytes: int) -> Path:
     return folder
 
 
+def wait_until(predicate, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
 class S3Server:
     """moto's S3 app behind a werkzeug thread, with a log of every request it served."""
 
@@ -47,6 +55,7 @@ class S3Server:
         from moto.server import DomainDispatcherApplication, create_backend_app
         from werkzeug.serving import make_server
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         app = DomainDispatcherApplication(create_backend_app)
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import sample
+from conftest import sample, wait_until, write_dataset
 
 from streamshards.cache import RemoteSource
 from streamshards.format import stored_hash
 from streamshards.index import load_index
 from streamshards.reader import open_shard
 from streamshards.storage import RetryPolicy
+from streamshards.transfer import upload
 
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
 FORK = multiprocessing.get_context("fork")
@@ -37,13 +38,6 @@ def shard_gets(s3_server, url: str) -> dict[str, int]:
         for p, n in s3_server.gets(prefix).items()
         if not p.endswith("index.json")
     }
-
-
-def wait_until(predicate, seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def check_samples(path: Path, dataset: Path, shard: int) -> None:
@@ -135,7 +129,7 @@ def test_two_ranks_two_workers_share_one_cache_under_a_limit(
     names = {s.file for s in index.shards}
     limit = 3 * max(s.stored_bytes for s in index.shards)
     local = tmp_path / "cache"
-    RemoteSource(s3_dataset, local, cache_limit=limit)  # the index, once, before the workers
+    (local / ".locks").mkdir(parents=True)
     barrier, errors = FORK.Barrier(4), FORK.Queue()
     workers = [
         FORK.Process(
@@ -188,6 +182,22 @@ def test_the_index_is_fetched_once_per_node(s3_dataset, s3_server, tmp_path):
     second = RemoteSource(s3_dataset, tmp_path / "cache")
     assert first.index.to_dict() == second.index.to_dict()
     assert s3_server.count("GET", index_path(s3_dataset)) == 1
+
+
+def test_a_new_run_sees_a_changed_remote_and_drops_stale_shards(s3_dataset, dataset, tmp_path):
+    """The index is shared while any process of a run is alive; the next run refetches it."""
+    index = load_index(dataset)
+    first = RemoteSource(s3_dataset, tmp_path / "cache", prefetch=0)
+    first.path(0)
+    other = write_dataset(tmp_path / "other", 100, 64_000)
+    upload(other, s3_dataset, progress=False)
+    second = RemoteSource(s3_dataset, tmp_path / "cache")
+    assert second.index.to_dict() == index.to_dict()
+    first.close()
+    second.close()
+    fresh = RemoteSource(s3_dataset, tmp_path / "cache", prefetch=0)
+    assert fresh.index.num_samples == 100
+    assert fresh.path(0).read_bytes() == (other / fresh.index.shards[0].file).read_bytes()
 
 
 def test_prefetch_fetches_ahead_so_reads_do_not_download(s3_dataset, s3_server, dataset, tmp_path):
