@@ -100,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
 
     # Config ---------------------------------------------------------------------------------
-    try:
-        config = load_config(argv[0], argv[1:])
-    except (ConfigError, OSError) as error:
-        print(f"trainer: {error}", file=sys.stderr)
-        return 2
+    config = load_config(argv[0], argv[1:])
     run_dir = Path(config["run_dir"])
     seed = config["seed"]
 
@@ -422,4 +418,8 @@ def raise_oom_once(model: Transformer, step: int, rank: int, backward: bool) -> 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ConfigError as error:
+        print(f"trainer: {error}", file=sys.stderr)
+        sys.exit(2)
