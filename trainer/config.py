@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "max_nonfinite": 3,  # consecutive non-finite steps that trigger a rollback
         "max_rollbacks": 3,  # rollbacks in one run before it gives up
     },
-    # Fault injection for tests: "STEP" (every rank) or "STEP@RANK"; fires in the first
-    # launch attempt only (TORCHELASTIC_RESTART_COUNT unset or 0).
+    # Fault injection for tests (trainer/faults.py): "STEP" (every rank) or "STEP@RANK".
     "inject": {"oom": None, "oom_backward": None, "spike": None, "nan": None, "hang": None},
 }
 
@@ -147,19 +145,6 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError("set data.local and/or data.remote (e.g. data.local=shards/)")
     if config["fsdp"]["bf16"] not in ("auto", True, False):
         raise ConfigError(f"fsdp.bf16 must be auto, true or false, got {config['fsdp']['bf16']!r}")
-
-
-def parse_injection(spec: Any, rank: int) -> int | None:
-    """The step at which an injected fault fires on ``rank``, from ``STEP`` or ``STEP@RANK``."""
-    if spec is None or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return None
-    step, _, only_rank = str(spec).partition("@")
-    try:
-        if only_rank and int(only_rank) != rank:
-            return None
-        return int(step)
-    except ValueError:
-        raise ConfigError(f"injection {spec!r} is not STEP or STEP@RANK") from None
 
 
 def dump(config: dict[str, Any]) -> str:

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from streamshards import StreamingDataLoader, StreamingDataset
 from streamshards.index import atomic_write
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from trainer.config import ConfigError, dump, load_config, parse_injection
+from trainer.config import ConfigError, dump, load_config
+from trainer.faults import Faults
 from trainer.fsdp import init_distributed, shard_model
 from trainer.guards import ROLLBACK, SKIP, STEP, SpikeGuard
 from trainer.metrics import MetricsLog, peak_flops, peak_memory_gb
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         auto_microbatch,
         log=lambda kind, **fields: log.event(kind, step, everywhere=True, **fields),
     )
-    inject = {kind: parse_injection(spec, rank) for kind, spec in config["inject"].items()}
+    faults = Faults(config["inject"], rank)
     stop_requested: list[int] = []
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -237,18 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        if inject["hang"] == step:
-            inject["hang"] = None
-            time.sleep(10**6)
-        for kind in ("oom", "oom_backward"):
-            if inject[kind] == step:
-                inject[kind] = None
-                raise_oom_once(model, step, rank, backward=kind == "oom_backward")
-        loss_scale = 1.0
-        if inject["spike"] == step:
-            inject["spike"], loss_scale = None, 100.0
-        if inject["nan"] == step:
-            inject["nan"], loss_scale = None, float("nan")
+        loss_scale = faults.before_step(step, model)
 
         loss = search.run(
             partial(
@@ -395,26 +385,6 @@ def check_token_column(config: dict[str, Any], dataset: StreamingDataset) -> Non
             f"{where}: column {column!r} is {dataset.columns[column]}; model.seq_len {seq_len} "
             f"needs integer rows of {seq_len + 1} tokens (convert with --seq-len {seq_len + 1})"
         )
-
-
-def raise_oom_once(model: Transformer, step: int, rank: int, backward: bool) -> None:
-    """Fault injection: the next forward of the first block, or the backward of the last,
-    raises a CUDA out-of-memory error on this rank."""
-    where = "backward" if backward else "forward"
-
-    def raise_error(*args: Any) -> None:
-        raise torch.OutOfMemoryError(
-            f"CUDA out of memory (injected in {where} at step {step} on rank {rank})"
-        )
-
-    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        handle.remove()
-        if backward:
-            output.register_hook(raise_error)
-        else:
-            raise_error()
-
-    handle = model.blocks[-1 if backward else 0].register_forward_hook(hook)
 
 
 if __name__ == "__main__":

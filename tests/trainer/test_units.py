@@ -10,7 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trainer.config import ConfigError, load_config, parse_injection
+from trainer.config import ConfigError, load_config
+from trainer.faults import parse_injection
 from trainer.guards import ROLLBACK, SKIP, STEP, SpikeGuard
 from trainer.metrics import MetricsLog, read_metrics
 from trainer.microbatch import smaller_microbatch
