@@ -21,10 +21,12 @@ import fcntl
 import hashlib
 import logging
 import mmap
+import multiprocessing.util
 import os
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -178,6 +180,10 @@ class RemoteSource(ShardSource):
         self._threads: list[threading.Thread] = []
         self._waited = 0.0
         self._closed = False
+        # Loader workers end without closing their dataset: release (and trim) at exit.
+        multiprocessing.util.Finalize(
+            None, _close_at_exit, args=(weakref.ref(self),), exitpriority=10
+        )
 
     def _ensure_process(self) -> None:
         if self._pid != os.getpid():  # forked: the lock descriptors are closed already
@@ -227,7 +233,7 @@ class RemoteSource(ShardSource):
                 index = parse_index_bytes(path.read_bytes(), str(path))
             fcntl.flock(self._session, fcntl.LOCK_SH)  # safe: starters take the cache lock first
             self._sizes = {info.file: info.stored_bytes for info in index.shards}
-            self._scan()
+            self._scan(evict_to=self.cache_limit)  # also trims what killed processes left
         return index
 
     def _drop_stale_shards(self, index: Index, old_index: bytes | None) -> None:
@@ -324,20 +330,24 @@ class RemoteSource(ShardSource):
         """Seconds this process spent inside ``path``: waiting on downloads or other processes."""
         return self._waited
 
-    def close(self) -> None:
-        """Stop prefetching and release every shard this process holds."""
+    def close(self, wait: bool = True) -> None:
+        """Stop prefetching and release every shard this process holds, trimming the cache.
+
+        ``wait=False`` leaves downloads in flight to die with the process (used at exit).
+        """
         self._ensure_process()
         with self._cond:
             self._closed = True
             self._wanted = []
             self._cond.notify_all()
-        for thread in self._threads:
-            thread.join()
+        if wait:
+            for thread in self._threads:
+                thread.join()
         with self._cond:
-            fds = list(self._holds.values())
-            self._holds.clear()
+            fds = [fd for k, fd in self._holds.items() if k not in self._inflight]
+            self._holds = {k: fd for k, fd in self._holds.items() if k in self._inflight}
             self._refs.clear()
-            self._pinned.clear()
+            self._pinned &= self._inflight
         for fd in fds:
             self._drop(fd)
         if self._session is not None:
@@ -475,6 +485,12 @@ class RemoteSource(ShardSource):
             if total <= evict_to:
                 return True
         return False
+
+
+def _close_at_exit(source: weakref.ref) -> None:
+    alive = source()
+    if alive is not None and alive._pid == os.getpid():
+        alive.close(wait=False)
 
 
 def _unlink_quietly(path: str | os.PathLike) -> None:

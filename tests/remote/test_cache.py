@@ -3,18 +3,16 @@ and nothing left behind by a killed process. Several tests use real (forked) pro
 
 from __future__ import annotations
 
-import fcntl
 import multiprocessing
 import os
 import signal
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import sample, wait_until, write_dataset
+from conftest import CacheMonitor, cache_snapshot, sample, wait_until, write_dataset
 
 from streamshards.cache import RemoteSource
 from streamshards.format import stored_hash
@@ -51,53 +49,6 @@ def check_samples(path: Path, dataset: Path, shard: int) -> None:
         got, want = view.sample(j), sample(first + j)
         assert got["id"] == want["id"] and got["text"] == want["text"]
         assert np.array_equal(got["tokens"], want["tokens"])
-
-
-def cache_snapshot(local: Path, names: set[str]) -> tuple[int, int]:
-    """(bytes in the cache, bytes of shards in use), taken under the cache lock, per
-    docs/STORAGE.md: a shard is in use while its .use lock is held; a .part is in flight."""
-    total = in_use = 0
-    fd = os.open(local / ".locks" / "cache", os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        for entry in os.scandir(local):
-            if entry.name in names or entry.name.endswith(".part"):
-                size = entry.stat().st_size
-                total += size
-                shard = entry.name if entry.name in names else entry.name[1:-5]
-                use = os.open(local / ".locks" / f"{shard}.use", os.O_RDWR | os.O_CREAT)
-                try:
-                    fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    in_use += size
-                finally:
-                    os.close(use)
-    finally:
-        os.close(fd)
-    return total, in_use
-
-
-class CacheMonitor:
-    """Samples the cache in a thread and records the worst excess over limit + in use."""
-
-    def __init__(self, local: Path, names: set[str], limit: int):
-        self.local, self.names, self.limit = local, names, limit
-        self.worst = -limit
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total, in_use = cache_snapshot(self.local, self.names)
-            self.worst = max(self.worst, total - self.limit - in_use)
-            self.samples += 1
-            time.sleep(0.002)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def read_in_step(

@@ -127,7 +127,10 @@ def test_remote_writer_publishes_no_index_when_writing_fails(s3_bucket, s3_serve
         RemoteWriter(f"s3://{s3_bucket}/done", COLUMNS)
 
 
-def test_cli_upload_download_inspect_verify_on_remote_urls(dataset, s3_bucket, tmp_path):
+def test_cli_upload_download_inspect_verify_on_remote_urls(
+    dataset, s3_bucket, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where inspect/verify cache
     url = f"s3://{s3_bucket}/cli"
     runner = CliRunner()
     result = runner.invoke(main, ["upload", str(dataset), url, "--quiet"])
