@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 from trainer_helpers import (
     command,
     events,
@@ -85,6 +86,8 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits(
 def test_keep_last_and_only_complete_checkpoints_are_listed(
     tmp_path: Path, token_data: Path, reference: Path
 ) -> None:
+    effective = yaml.safe_load((reference / "config.yaml").read_text())
+    assert effective["model"]["vocab_size"] == 512  # auto: the tokenizer's 500, rounded to 64
     saved = complete_checkpoints(reference / "checkpoints")
     assert [step for step, _ in saved] == [9, 10]  # keep_last=2; the last step is always saved
     # An unfinished checkpoint (no COMPLETE marker) is never picked up.
