@@ -28,8 +28,6 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from streamshards.format import ShardError, stored_hash
@@ -43,6 +41,7 @@ from streamshards.index import (
 )
 from streamshards.source import ShardSource
 from streamshards.storage import Progress, RetryPolicy, Storage, open_storage
+from streamshards.storage.flock import close_lock, flocked, open_lock
 from streamshards.writer import parse_size
 
 log = logging.getLogger("streamshards.cache")
@@ -73,71 +72,15 @@ def download_verified(storage: Storage, info: ShardInfo, f, progress: Progress =
         if size == info.stored_bytes and actual == info.hash:
             return
         log.warning(
-            "shard %s from %s: %d bytes with xxh3_64=%s, index says %d bytes with "
-            "xxh3_64=%s (download %d of %d)",
-            info.file,
-            storage.url,
-            size,
-            actual,
-            info.stored_bytes,
-            info.hash,
-            attempt,
-            DOWNLOAD_TRIES,
-        )
+            "shard %s from %s: got %d bytes, xxh3_64=%s; index says %d bytes, xxh3_64=%s "
+            "(download %d of %d)", info.file, storage.url, size, actual, info.stored_bytes,
+            info.hash, attempt, DOWNLOAD_TRIES,
+        )  # fmt: skip
     raise ShardError(
         f"shard {info.file} from {storage.url_of(info.file)} is corrupt after "
         f"{DOWNLOAD_TRIES} downloads: index says xxh3_64={info.hash} ({info.stored_bytes} "
         f"bytes), downloaded file has xxh3_64={actual} ({size} bytes)"
     )
-
-
-# Every lock descriptor this process has open. A forked child inherits them, and with them
-# the parent's locks (flock belongs to the open file, shared by both copies): the child closes
-# its copies at once, without unlocking, so it never holds a lock it does not know about.
-_lock_fds: set[int] = set()
-_lock_fds_mutex = threading.Lock()
-
-
-def _open_lock(path: Path) -> int:
-    with _lock_fds_mutex:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        _lock_fds.add(fd)
-    return fd
-
-
-def _close_lock(fd: int) -> None:
-    with _lock_fds_mutex:
-        _lock_fds.discard(fd)
-        os.close(fd)
-
-
-def _close_inherited_locks() -> None:
-    for fd in _lock_fds:
-        os.close(fd)
-    _lock_fds.clear()
-    _lock_fds_mutex.release()
-
-
-os.register_at_fork(
-    before=_lock_fds_mutex.acquire,
-    after_in_parent=_lock_fds_mutex.release,
-    after_in_child=_close_inherited_locks,
-)
-
-
-@contextmanager
-def flocked(path: Path, mode: int) -> Iterator[int | None]:
-    """Hold ``flock(mode)`` on ``path`` for the block; yields None if LOCK_NB found it taken."""
-    fd = _open_lock(path)
-    try:
-        try:
-            fcntl.flock(fd, mode)
-        except BlockingIOError:
-            yield None
-            return
-        yield fd
-    finally:
-        _close_lock(fd)
 
 
 class RemoteSource(ShardSource):
@@ -216,7 +159,7 @@ class RemoteSource(ShardSource):
         """
         path = self.local / INDEX_NAME
         with self._cache_lock():
-            self._session = _open_lock(self._lock_path("session", ""))
+            self._session = open_lock(self._lock_path("session", ""))
             try:
                 fcntl.flock(self._session, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 first = True
@@ -351,7 +294,7 @@ class RemoteSource(ShardSource):
         for fd in fds:
             self._drop(fd)
         if self._session is not None:
-            _close_lock(self._session)
+            close_lock(self._session)
             self._session = None
 
     def __del__(self) -> None:
@@ -372,11 +315,11 @@ class RemoteSource(ShardSource):
     def _hold(self, shard: int) -> None:
         if shard in self._holds:
             return
-        fd = _open_lock(self._lock_path(self.index.shards[shard].file, "use"))
+        fd = open_lock(self._lock_path(self.index.shards[shard].file, "use"))
         fcntl.flock(fd, fcntl.LOCK_SH)
         with self._cond:
             if shard in self._holds:
-                _close_lock(fd)  # another thread of this process got there first
+                close_lock(fd)  # another thread of this process got there first
             else:
                 self._holds[shard] = fd
 
@@ -390,11 +333,11 @@ class RemoteSource(ShardSource):
         """Release a hold; with a limit, trim the cache in the same critical section."""
         if self.cache_limit is None:
             fcntl.flock(fd, fcntl.LOCK_UN)
-            _close_lock(fd)
+            close_lock(fd)
             return
         with self._cache_lock():
             fcntl.flock(fd, fcntl.LOCK_UN)
-            _close_lock(fd)
+            close_lock(fd)
             self._scan(evict_to=self.cache_limit)
 
     # -- downloading

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from streamshards import ShardWriter
-from streamshards.cache import flocked
+from streamshards.storage.flock import flocked
 
 sys.path.insert(0, str(Path(__file__).parent))
 from faultproxy import FaultProxy  # noqa: E402

@@ -1,0 +1,63 @@
+"""Fork-safe ``flock`` helpers: the locks that coordinate processes sharing a cache folder.
+
+flock locks belong to the open file, and a forked child shares its parent's open files: a
+child that kept them would hold the parent's locks for as long as it lives. So every lock
+descriptor is registered here, and a forked child closes its copies at once, without
+unlocking (the parent still holds them). The kernel drops a dead process's locks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_lock_fds: set[int] = set()
+_lock_fds_mutex = threading.Lock()
+
+
+def open_lock(path: Path) -> int:
+    """Open (creating if needed) a lock file; the descriptor is closed in forked children."""
+    with _lock_fds_mutex:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        _lock_fds.add(fd)
+    return fd
+
+
+def close_lock(fd: int) -> None:
+    """Close a descriptor from ``open_lock``, which releases the locks it held."""
+    with _lock_fds_mutex:
+        _lock_fds.discard(fd)
+        os.close(fd)
+
+
+def _close_inherited_locks() -> None:
+    for fd in _lock_fds:
+        os.close(fd)
+    _lock_fds.clear()
+    _lock_fds_mutex.release()
+
+
+os.register_at_fork(
+    before=_lock_fds_mutex.acquire,
+    after_in_parent=_lock_fds_mutex.release,
+    after_in_child=_close_inherited_locks,
+)
+
+
+@contextmanager
+def flocked(path: Path, mode: int) -> Iterator[int | None]:
+    """Hold ``flock(mode)`` on ``path`` for the block; yields None if LOCK_NB found it taken."""
+    fd = open_lock(path)
+    try:
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            yield None
+            return
+        yield fd
+    finally:
+        close_lock(fd)
