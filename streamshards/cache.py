@@ -161,22 +161,27 @@ class RemoteSource(ShardSource):
         with self._cache_lock():
             self._session = open_lock(self._lock_path("session", ""))
             try:
-                fcntl.flock(self._session, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                first = True
-            except BlockingIOError:
-                first = False
-            if first or not path.exists():
-                data = self.storage.get_bytes(INDEX_NAME)
-                index = parse_index_bytes(data, self.storage.url_of(INDEX_NAME))
-                old = path.read_bytes() if path.exists() else None
-                if data != old:
-                    self._drop_stale_shards(index, old)
-                    atomic_write(path, data)
-            else:
-                index = parse_index_bytes(path.read_bytes(), str(path))
+                index = self._read_or_fetch_index(path)
+            except BaseException:
+                close_lock(self._session)
+                raise
             fcntl.flock(self._session, fcntl.LOCK_SH)  # safe: starters take the cache lock first
             self._sizes = {info.file: info.stored_bytes for info in index.shards}
             self._scan(evict_to=self.cache_limit)  # also trims what killed processes left
+        return index
+
+    def _read_or_fetch_index(self, path: Path) -> Index:
+        try:
+            fcntl.flock(self._session, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process of this run is alive: share its index
+            if path.exists():
+                return parse_index_bytes(path.read_bytes(), str(path))
+        data = self.storage.get_bytes(INDEX_NAME)
+        index = parse_index_bytes(data, self.storage.url_of(INDEX_NAME))
+        old = path.read_bytes() if path.exists() else None
+        if data != old:
+            self._drop_stale_shards(index, old)
+            atomic_write(path, data)
         return index
 
     def _drop_stale_shards(self, index: Index, old_index: bytes | None) -> None:

@@ -33,7 +33,7 @@ from streamshards.index import (
     load_index,
     parse_index_bytes,
 )
-from streamshards.storage import NotFoundError, Storage, StorageError, open_storage
+from streamshards.storage import NotFoundError, ObjectInfo, Storage, StorageError, open_storage
 from streamshards.writer import ShardWriter
 
 
@@ -79,15 +79,16 @@ def _remote_index(storage: Storage) -> dict[str, ShardInfo]:
 
 
 def _already_there(
-    storage: Storage, info: ShardInfo, sizes: dict[str, int], listed: dict[str, ShardInfo]
+    storage: Storage, info: ShardInfo, objects: dict[str, ObjectInfo], listed: dict[str, ShardInfo]
 ) -> bool:
     """Whether the remote holds this exact shard: same size and same recorded xxh3-64."""
-    if sizes.get(info.file) != info.stored_bytes:
+    obj = objects.get(info.file)
+    if obj is None or obj.size != info.stored_bytes:
         return False
     entry = listed.get(info.file)
-    if entry is not None and entry.hash == info.hash and entry.stored_bytes == info.stored_bytes:
+    if obj.xxh3_64 == info.hash or entry == info:
         return True
-    return storage.stat(info.file).xxh3_64 == info.hash
+    return obj.xxh3_64 is None and storage.stat(info.file).xxh3_64 == info.hash
 
 
 def _check_local(folder: Path, info: ShardInfo) -> Path:
@@ -114,26 +115,26 @@ def upload(
     index = load_index(folder)
     storage = open_storage(remote)
     try:
-        sizes = {o.name: o.size for o in storage.list()}
+        objects = {o.name: o for o in storage.list()}
     except NotFoundError:
-        sizes = {}  # a local destination folder that does not exist yet
-    listed = _remote_index(storage) if sizes else {}
-    todo = [info for info in index.shards if not _already_there(storage, info, sizes, listed)]
-    total = sum(info.stored_bytes for info in todo)
-    bar = _Bar(total, "upload", progress)
+        objects = {}  # a local destination folder that does not exist yet
+    listed = _remote_index(storage) if INDEX_NAME in objects else {}
+    bar = _Bar(index.stored_bytes, "upload", progress)
 
-    def send(info: ShardInfo) -> None:
+    def send(info: ShardInfo) -> bool:
+        if _already_there(storage, info, objects, listed):
+            bar(info.stored_bytes)
+            return False
         storage.put(_check_local(folder, info), info.file, info.hash, bar)
+        return True
 
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            list(pool.map(send, todo))
+            sent = list(pool.map(send, index.shards))
         storage.put_bytes((folder / INDEX_NAME).read_bytes(), INDEX_NAME)
     finally:
         bar.close()
-    return TransferReport(
-        len(todo), len(index.shards) - len(todo), total, time.perf_counter() - start
-    )
+    return _report(index, sent, start)
 
 
 def download(
@@ -146,19 +147,15 @@ def download(
     index = parse_index_bytes(data, storage.url_of(INDEX_NAME))
     folder = Path(local)
     folder.mkdir(parents=True, exist_ok=True)
+    bar = _Bar(index.stored_bytes, "download", progress)
 
-    def present(info: ShardInfo) -> bool:
+    def fetch(info: ShardInfo) -> bool:
         try:
             _check_local(folder, info)
-        except (OSError, ShardError):
+            bar(info.stored_bytes)
             return False
-        return True
-
-    todo = [info for info in index.shards if not present(info)]
-    total = sum(info.stored_bytes for info in todo)
-    bar = _Bar(total, "download", progress)
-
-    def fetch(info: ShardInfo) -> None:
+        except (OSError, ShardError):
+            pass  # missing or different: download it
         fd, tmp = tempfile.mkstemp(prefix=f".{info.file}.", suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "w+b") as f:
@@ -167,16 +164,20 @@ def download(
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return True
 
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            list(pool.map(fetch, todo))
+            fetched = list(pool.map(fetch, index.shards))
         atomic_write(folder / INDEX_NAME, data)
     finally:
         bar.close()
-    return TransferReport(
-        len(todo), len(index.shards) - len(todo), total, time.perf_counter() - start
-    )
+    return _report(index, fetched, start)
+
+
+def _report(index: Index, moved: list[bool], start: float) -> TransferReport:
+    size = sum(info.stored_bytes for info, done in zip(index.shards, moved, strict=True) if done)
+    return TransferReport(sum(moved), len(moved) - sum(moved), size, time.perf_counter() - start)
 
 
 class RemoteWriter:
@@ -218,6 +219,7 @@ class RemoteWriter:
         self._send_finished()
 
     def write_encoded(self, encoded: list[bytes]) -> None:
+        """Add one already-encoded sample (see ShardWriter.write_encoded)."""
         self.writer.write_encoded(encoded)
         self._send_finished()
 

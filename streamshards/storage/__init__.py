@@ -197,11 +197,6 @@ def split_bucket_url(url: str, scheme: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def is_remote_url(url: str | os.PathLike) -> bool:
-    """True for URLs this package stores through an SDK (s3://, gs://)."""
-    return isinstance(url, str) and url.startswith(("s3://", "gs://"))
-
-
 def open_storage(
     url: str | os.PathLike, retry: RetryPolicy | None = None, timeout: float = 60.0
 ) -> Storage:

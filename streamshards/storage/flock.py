@@ -55,9 +55,9 @@ def flocked(path: Path, mode: int) -> Iterator[int | None]:
     try:
         try:
             fcntl.flock(fd, mode)
+            acquired = True
         except BlockingIOError:
-            yield None
-            return
-        yield fd
+            acquired = False
+        yield fd if acquired else None
     finally:
         close_lock(fd)

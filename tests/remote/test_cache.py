@@ -3,6 +3,7 @@ and nothing left behind by a killed process. Several tests use real (forked) pro
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
 import signal
@@ -18,7 +19,8 @@ from streamshards.cache import RemoteSource
 from streamshards.format import stored_hash
 from streamshards.index import load_index
 from streamshards.reader import open_shard
-from streamshards.storage import RetryPolicy
+from streamshards.storage import NotFoundError, RetryPolicy
+from streamshards.storage.flock import flocked
 from streamshards.transfer import upload
 
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
@@ -149,6 +151,19 @@ def test_a_new_run_sees_a_changed_remote_and_drops_stale_shards(s3_dataset, data
     fresh = RemoteSource(s3_dataset, tmp_path / "cache", prefetch=0)
     assert fresh.index.num_samples == 100
     assert fresh.path(0).read_bytes() == (other / fresh.index.shards[0].file).read_bytes()
+
+
+def test_a_failed_start_holds_no_lock(s3_bucket, dataset, tmp_path):
+    local = tmp_path / "cache"
+    with pytest.raises(NotFoundError, match=f"s3://{s3_bucket}/later/index.json"):
+        RemoteSource(f"s3://{s3_bucket}/later", local)
+    for name in ("session", "cache"):
+        with flocked(local / ".locks" / name, fcntl.LOCK_EX | fcntl.LOCK_NB) as fd:
+            assert fd is not None, f"{name} lock still held"
+    upload(dataset, f"s3://{s3_bucket}/later", progress=False)
+    assert RemoteSource(f"s3://{s3_bucket}/later", local).index.to_dict() == (
+        load_index(dataset).to_dict()
+    )
 
 
 def test_prefetch_fetches_ahead_so_reads_do_not_download(s3_dataset, s3_server, dataset, tmp_path):
