@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
+import pickle
 import signal
 import tempfile
 import time
@@ -260,11 +261,13 @@ def test_without_a_local_folder_the_cache_is_keyed_by_url_in_the_temp_folder(
     assert RemoteSource(s3_dataset + "/", None).local == source.local
 
 
-@pytest.mark.parametrize("scheme", ["gs", "file"])
-def test_other_remotes_stream_through_the_same_cache(scheme, request, dataset, tmp_path):
-    remote = request.getfixturevalue("gcs_dataset") if scheme == "gs" else f"file://{dataset}"
+@pytest.mark.parametrize("scheme", ["s3", "gs", "file"])
+def test_every_remote_streams_through_the_cache_and_pickles(scheme, request, dataset, tmp_path):
+    fixtures = {"s3": "s3_dataset", "gs": "gcs_dataset"}
+    remote = f"file://{dataset}" if scheme == "file" else request.getfixturevalue(fixtures[scheme])
     size = max(s.stored_bytes for s in load_index(dataset).shards)
     source = RemoteSource(remote, tmp_path / "cache", cache_limit=2 * size, prefetch=2)
+    source = pickle.loads(pickle.dumps(source))  # as a spawned loader worker receives it
     n = len(source.index.shards)
     for k in range(n):
         source.prefetch(list(range(k + 1, n)))
