@@ -109,6 +109,9 @@ class RemoteSource(ShardSource):
         self.prefetch_depth = max(0, int(prefetch))
         (self.local / LOCK_DIR).mkdir(parents=True, exist_ok=True)
         self.index = self._load_index()
+        if self.cache_limit is not None:
+            largest = max((s.stored_bytes for s in self.index.shards), default=1)
+            self.max_open = max(2, self.cache_limit // max(1, largest))
         self._reset_process_state()
 
     # -- per-process state: rebuilt after fork or unpickling, never shared between processes

@@ -208,14 +208,28 @@ class StreamingDataset(IterableDataset):
         view = open_shard(source.path(shard), info, source.index)
         self._views[key] = view
         self._view_bytes += info.raw_bytes if info.compression else 0
+        if source.max_open is not None:
+            mine = [k for k in self._views if k[0] == stream]
+            for old in mine[: max(0, len(mine) - source.max_open)]:
+                self._close(old)
         while len(self._views) > 1 and (
             self._view_bytes > self.memory_budget or len(self._views) > 4096
         ):
-            (old_stream, old_shard), _ = self._views.popitem(last=False)
-            old = self.sources[old_stream].index.shards[old_shard]
-            self._view_bytes -= old.raw_bytes if old.compression else 0
-            self.sources[old_stream].release(old_shard)
+            self._close(next(iter(self._views)))
         return view
+
+    def _close(self, key: tuple[int, int]) -> None:
+        """Forget one open shard view and tell its source that this process is done with it."""
+        stream, shard = key
+        del self._views[key]
+        info = self.sources[stream].index.shards[shard]
+        self._view_bytes -= info.raw_bytes if info.compression else 0
+        self.sources[stream].release(shard)
+
+    def close_views(self) -> None:
+        """Release every open shard, so that a size-limited cache may evict them."""
+        for key in list(self._views):
+            self._close(key)
 
     # Order and state -----------------------------------------------------------------------
 
@@ -323,8 +337,11 @@ class StreamingDataset(IterableDataset):
         ``join`` consecutive batches are read as one, which amortises per-read costs when
         the caller splits them into samples anyway.
         """
-        for located in self._located(self.order(self.epoch), join):
-            yield self.read(*located)
+        try:
+            for located in self._located(self.order(self.epoch), join):
+                yield self.read(*located)
+        finally:
+            self.close_views()
         if get_worker_info() is None:
             self.set_epoch(self.epoch + 1)
 

@@ -16,6 +16,9 @@ class ShardSource:
     """The index of one dataset and local paths to its shards."""
 
     index: Index
+    #: How many shards one reader may keep open at once; ``None`` means no limit beyond the
+    #: dataset's memory budget. A bounded cache sets it so that readers leave room to evict.
+    max_open: int | None = None
 
     def path(self, shard: int) -> Path:
         """A local, complete file of shard number ``shard``; may block to fetch it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CacheMonitor, sample
+from conftest import CacheMonitor, cache_snapshot, sample
 
 from streamshards import StreamingDataLoader, StreamingDataset
 from streamshards.index import load_index
@@ -49,3 +49,26 @@ def test_two_ranks_stream_a_remote_dataset_under_a_cache_limit(
     monitor.stop()
     check_epoch(seen, set(range(index.num_samples)))
     assert monitor.samples > 10 and monitor.worst <= 0
+
+
+def test_a_reader_holds_few_shards_and_none_after_its_epoch(s3_dataset, dataset, tmp_path):
+    """Under a limit of 2 shards a dataset keeps at most 2 open; when the epoch ends (or the
+    loop is abandoned) it holds none, so the cache is trimmed back within its limit."""
+    index = load_index(dataset)
+    names = {s.file for s in index.shards}
+    limit = 2 * max(s.stored_bytes for s in index.shards)
+    ds = StreamingDataset(
+        remote=s3_dataset, local=tmp_path / "cache", cache_limit=limit, prefetch=0, batch_size=8
+    )
+    assert ds.sources[0].max_open == 2
+    batches = ds.iter_batches()
+    first = [next(batches) for _ in range(30)]
+    assert 1 < len(ds._views) <= 2
+    batches.close()
+    total, in_use = cache_snapshot(tmp_path / "cache", names)
+    assert in_use == 0 and ds._views == {} and total <= limit
+    again = list(ds.iter_batches())  # an abandoned epoch starts over, in the same order
+    check_epoch(again, set(range(index.num_samples)))
+    assert all(np.array_equal(a["id"], b["id"]) for a, b in zip(first, again[:30], strict=True))
+    total, in_use = cache_snapshot(tmp_path / "cache", names)
+    assert in_use == 0 and 0 < total <= limit
