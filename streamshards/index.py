@@ -8,9 +8,11 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -211,19 +213,28 @@ def write_index(folder: str | os.PathLike, index: Index) -> Path:
     return target
 
 
-def atomic_write(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` so readers see the old file or the whole new one."""
-    # A hidden, unique temporary name, created with the umask's permissions like any file.
+@contextmanager
+def atomic_file(target: Path) -> Iterator[BinaryIO]:
+    """A new file that replaces ``target`` whole when the block ends, and vanishes on error.
+
+    It has a hidden, unique temporary name and the umask's permissions like any new file.
+    """
     tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
+        with open(tmp, "x+b") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` so readers see the old file or the whole new one."""
+    with atomic_file(target) as f:
+        f.write(data)
     fsync_folder(target.parent)
 
 

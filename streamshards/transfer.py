@@ -29,6 +29,7 @@ from streamshards.index import (
     Index,
     IndexFormatError,
     ShardInfo,
+    atomic_file,
     atomic_write,
     load_index,
     parse_index_bytes,
@@ -156,14 +157,8 @@ def download(
             return False
         except (OSError, ShardError):
             pass  # missing or different: download it
-        fd, tmp = tempfile.mkstemp(prefix=f".{info.file}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w+b") as f:
-                download_verified(storage, info, f, bar)
-            os.replace(tmp, folder / info.file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(folder / info.file) as f:
+            download_verified(storage, info, f, bar)
         return True
 
     try:

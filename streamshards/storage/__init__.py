@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from streamshards.index import atomic_file
 from streamshards.storage.retry import (
     NotFoundError,
     PermissionDeniedError,
@@ -156,14 +157,8 @@ class Storage:
     ) -> Path:
         """Download ``name`` to ``dest`` through a temporary file renamed when complete."""
         dest = Path(dest)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "w+b") as f:
-                self.read_into(name, f, expected_size, progress)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(dest) as f:
+            self.read_into(name, f, expected_size, progress)
         return dest
 
     def put(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from streamshards.index import atomic_file
 from streamshards.storage import CHUNK_BYTES, ObjectInfo, Progress, Storage
 from streamshards.storage.retry import (
     NotFoundError,
@@ -47,16 +47,8 @@ class LocalStorage(Storage):
 
     def _write(self, name: str, fill) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fill(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.root / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self.root / name) as f:
+            fill(f)
 
     def _put(self, source: Path, name: str, xxh3_64: str | None, progress: Progress) -> None:
         def fill(f: BinaryIO) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CacheMonitor, cache_snapshot, sample, wait_until, write_dataset
+from remote_helpers import CacheMonitor, cache_snapshot, sample, wait_until, write_dataset
 
 from streamshards.cache import RemoteSource
 from streamshards.format import stored_hash

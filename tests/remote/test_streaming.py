@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CacheMonitor, cache_snapshot, sample
+from remote_helpers import CacheMonitor, cache_snapshot, sample
 
 from streamshards import StreamingDataLoader, StreamingDataset
 from streamshards.index import load_index

@@ -8,7 +8,7 @@ import json
 import boto3
 import pytest
 from click.testing import CliRunner
-from conftest import COLUMNS, sample, wait_until
+from remote_helpers import COLUMNS, sample, wait_until
 
 from streamshards.cli import main
 from streamshards.format import ShardError
