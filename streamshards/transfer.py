@@ -263,6 +263,13 @@ class RemoteWriter:
 _ERRORS = (StorageError, IndexFormatError, ShardError, FileNotFoundError, ValueError)
 
 
+def _summary(verb: str, report: TransferReport, where: str) -> str:
+    return (
+        f"{verb} {report.files} shards ({report.bytes / 1e6:.1f} MB, "
+        f"{report.mb_per_second:.1f} MB/s), skipped {report.skipped} already there, {where}"
+    )
+
+
 @click.command("upload")
 @click.argument("local")
 @click.argument("remote")
@@ -277,11 +284,7 @@ def upload_command(local: str, remote: str, workers: int, quiet: bool) -> None:
         report = upload(local, remote, workers, progress=not quiet)
     except _ERRORS as err:
         raise click.ClickException(str(err)) from None
-    click.echo(
-        f"uploaded {report.files} shards ({report.bytes / 1e6:.1f} MB, "
-        f"{report.mb_per_second:.1f} MB/s), skipped {report.skipped} already there, "
-        f"to {remote}"
-    )
+    click.echo(_summary("uploaded", report, f"to {remote}"))
 
 
 @click.command("download")
@@ -298,8 +301,4 @@ def download_command(remote: str, local: str, workers: int, quiet: bool) -> None
         report = download(remote, local, workers, progress=not quiet)
     except _ERRORS as err:
         raise click.ClickException(str(err)) from None
-    click.echo(
-        f"downloaded {report.files} shards ({report.bytes / 1e6:.1f} MB, "
-        f"{report.mb_per_second:.1f} MB/s), skipped {report.skipped} already there, "
-        f"into {local}"
-    )
+    click.echo(_summary("downloaded", report, f"into {local}"))

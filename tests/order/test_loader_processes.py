@@ -122,6 +122,15 @@ def test_drop_last_drops_only_the_partial_global_batch(tmp_path, small_data):
     assert len(seq) == 499 - 499 % 24 and len(set(seq)) == len(seq)
 
 
+def save_shared_state(tmp_path: Path, run: dict, world: int) -> Path:
+    """Check that every rank of ``run`` saved the same loader state and write it to a file."""
+    states = {json.dumps(run[r]["state"], sort_keys=True) for r in range(world)}
+    assert len(states) == 1, "ranks disagree on the loader state"
+    state_file = tmp_path / "state.json"
+    state_file.write_text(states.pop())
+    return state_file
+
+
 @pytest.mark.parametrize("workers_before,workers_after", [(0, 2), (3, 1)])
 def test_resume_equals_uninterrupted(tmp_path, small_data, workers_before, workers_after):
     """A state saved after a random step, loaded in a new process, yields the same batches."""
@@ -131,10 +140,7 @@ def test_resume_equals_uninterrupted(tmp_path, small_data, workers_before, worke
     first = drive(
         tmp_path, *common, "--workers", str(workers_before), "--steps", str(steps), name="first"
     )
-    states = {json.dumps(first[r]["state"], sort_keys=True) for r in range(3)}
-    assert len(states) == 1, "ranks disagree on the loader state"
-    state_file = tmp_path / "state.json"
-    state_file.write_text(states.pop())
+    state_file = save_shared_state(tmp_path, first, 3)
     rest = drive(
         tmp_path,
         *common,
@@ -164,10 +170,7 @@ def test_elastic_resume_exactly_once(tmp_path, small_data, world_before, world_a
         "9",
         name="before",
     )
-    states = {json.dumps(before[r]["state"], sort_keys=True) for r in range(world_before)}
-    assert len(states) == 1, "ranks disagree on the loader state"
-    state_file = tmp_path / "state.json"
-    state_file.write_text(states.pop())
+    state_file = save_shared_state(tmp_path, before, world_before)
     after = drive(
         tmp_path,
         "--data",
