@@ -226,10 +226,11 @@ class StreamingDataset(IterableDataset):
         self._view_bytes -= info.raw_bytes if info.compression else 0
         self.sources[stream].release(shard)
 
-    def close_views(self) -> None:
-        """Release every open shard, so that a size-limited cache may evict them."""
+    def _release_cached(self) -> None:
+        """Release the open shards of size-limited caches, so that the caches may evict them."""
         for key in list(self._views):
-            self._close(key)
+            if self.sources[key[0]].max_open is not None:
+                self._close(key)
 
     # Order and state -----------------------------------------------------------------------
 
@@ -340,12 +341,12 @@ class StreamingDataset(IterableDataset):
         try:
             for located in self._located(self.order(self.epoch), join):
                 yield self.read(*located)
-        finally:
-            self.close_views()
+        finally:  # local shards stay open for the next epoch; cached ones make room
+            self._release_cached()
         if get_worker_info() is None:
             self.set_epoch(self.epoch + 1)
 
-    def _located(self, order: EpochOrder, join: int, chunk: int = 2048) -> Iterator[tuple]:
+    def _located(self, order: EpochOrder, join: int, chunk: int = 16384) -> Iterator[tuple]:
         """(stream, shard, sample) arrays of each read, looked up ``chunk`` positions at a time.
 
         Lookups are batched because their cost is per call, not per position; each chunk is
@@ -389,8 +390,12 @@ class StreamingDataset(IterableDataset):
             if ctype.array is not None:
                 dtype, shape = ctype.array
                 out = np.empty((len(js), *shape), dtype=dtype)
-                for view, idx, rows in parts:
-                    out[idx] = view.fixed_array(col)[rows]
+                if len(parts) == 1:  # one shard: gather straight into the batch, no temporary
+                    view, _, rows = parts[0]
+                    np.take(view.fixed_array(col), rows, axis=0, out=out)
+                else:
+                    for view, idx, rows in parts:
+                        out[idx] = view.fixed_array(col)[rows]
                 batch[name] = out
             else:
                 values: list[Any] = [None] * len(js)
