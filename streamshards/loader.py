@@ -29,6 +29,11 @@ class _Batches(IterableDataset):
             }
 
 
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """The collate function of a loader whose dataset yields finished batches."""
+    return batch
+
+
 class StreamingDataLoader(DataLoader):
     """A DataLoader whose ``state_dict()`` is where the next global batch starts.
 
@@ -46,6 +51,7 @@ class StreamingDataLoader(DataLoader):
         for key in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
             if key in kwargs:
                 raise ValueError(f"set {key} on the StreamingDataset, not on the loader")
+        kwargs.setdefault("collate_fn", _as_is)  # batches are tensors and lists already
         super().__init__(_Batches(dataset), batch_size=None, num_workers=num_workers, **kwargs)
         self.streaming = dataset
         self.epoch = dataset.epoch
