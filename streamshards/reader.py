@@ -1,11 +1,9 @@
-"""Opening local shards: size and hash checks before first use, decompression, an LRU of views."""
+"""Opening local shards: size and hash checks before first use, then decompression."""
 
 from __future__ import annotations
 
 import mmap
 import os
-from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 
 from streamshards.format import ShardError, ShardView, decompress, stored_hash
@@ -42,41 +40,3 @@ def open_shard(path: Path, info: ShardInfo, index: Index) -> ShardView:
     if info.compression is None and len(raw) != info.raw_bytes:
         raise ShardError(f"shard {info.file}: {len(raw)} raw bytes, index says {info.raw_bytes}")
     return ShardView(raw, list(index.columns), index.column_types, info.samples, info.file)
-
-
-class ShardReader:
-    """Gives samples of one dataset by global id, keeping the last ``max_open`` shards open.
-
-    ``locate(k)`` returns the local path of shard ``k``; remote datasets pass one that
-    downloads into the cache first.
-    """
-
-    def __init__(
-        self,
-        folder: str | os.PathLike,
-        index: Index,
-        max_open: int = 8,
-        locate: Callable[[int], Path] | None = None,
-    ):
-        self.folder = Path(folder)
-        self.index = index
-        self.max_open = max(1, max_open)
-        self.locate = locate or (lambda k: self.folder / index.shards[k].file)
-        self._open: OrderedDict[int, ShardView] = OrderedDict()
-
-    def shard(self, k: int) -> ShardView:
-        """The verified view of shard ``k``, opening it on first use."""
-        view = self._open.get(k)
-        if view is not None:
-            self._open.move_to_end(k)
-            return view
-        view = open_shard(self.locate(k), self.index.shards[k], self.index)
-        self._open[k] = view
-        while len(self._open) > self.max_open:
-            self._open.popitem(last=False)
-        return view
-
-    def get(self, sample_id: int) -> dict:
-        """Sample ``sample_id`` (global, 0-based) as a dict of column values."""
-        k, j = self.index.shard_of(sample_id)
-        return self.shard(k).sample(j)

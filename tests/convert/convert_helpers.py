@@ -8,9 +8,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from streamshards import StreamingDataset
 from streamshards.convert.cli import convert
-from streamshards.index import INDEX_NAME, load_index
-from streamshards.reader import ShardReader
+from streamshards.index import INDEX_NAME
 
 DATA = Path(__file__).resolve().parents[2] / "streamshards" / "data"
 SAMPLE = DATA / "sotu-c4.json.gz"
@@ -51,9 +51,8 @@ def run_convert(*args: str, expect_ok: bool = True):
 
 def samples(out: Path) -> list[dict]:
     """Every sample of a dataset, in order."""
-    index = load_index(out)
-    reader = ShardReader(out, index)
-    return [reader.get(i) for i in range(index.num_samples)]
+    dataset = StreamingDataset(local=out)
+    return [dataset[i] for i in range(len(dataset))]
 
 
 def dataset_files(out: Path) -> dict[str, bytes]:

@@ -1,4 +1,4 @@
-"""Every column type round-trips exactly through ShardWriter, ShardReader and StreamingDataset.
+"""Every column type round-trips exactly through ShardWriter and StreamingDataset.
 
 Property: for any schema, any samples (empty strings and arrays, extreme integers, signed
 zeros and infinities, samples larger than the shard size limit) and any size limit and
@@ -19,7 +19,6 @@ from hypothesis.extra import numpy as hnp
 
 from streamshards import StreamingDataset, load_index
 from streamshards.columns import DTYPES
-from streamshards.reader import ShardReader
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 FLOAT64 = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
@@ -95,11 +94,9 @@ def test_every_column_type_round_trips(case) -> None:
         index = load_index(out)
         assert index.num_samples == len(samples)
         assert all(s.samples > 0 for s in index.shards)
-        reader = ShardReader(out, index, max_open=2)
         ds = StreamingDataset(local=out)
         assert len(ds) == len(samples)
         for i, sample in enumerate(samples):
-            assert_same_sample(sample, reader.get(i), columns, f"ShardReader sample {i}")
             assert_same_sample(sample, ds[i], columns, f"ds[{i}]")
         read = list(StreamingDataset(local=out))
         assert len(read) == len(samples)
