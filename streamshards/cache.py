@@ -29,6 +29,7 @@ import time
 import weakref
 from collections import Counter
 from pathlib import Path
+from typing import BinaryIO
 
 from streamshards.format import ShardError, stored_hash
 from streamshards.index import (
@@ -55,7 +56,7 @@ def default_cache_dir(remote: str) -> Path:
     return Path(tempfile.gettempdir()) / "streamshards-cache" / key
 
 
-def file_hash(f) -> str:
+def file_hash(f: BinaryIO) -> str:
     """xxh3-64 of an open file's whole content, memory-mapped."""
     f.flush()
     if os.fstat(f.fileno()).st_size == 0:
@@ -64,7 +65,9 @@ def file_hash(f) -> str:
         return stored_hash(data)
 
 
-def download_verified(storage: Storage, info: ShardInfo, f, progress: Progress = None) -> None:
+def download_verified(
+    storage: Storage, info: ShardInfo, f: BinaryIO, progress: Progress = None
+) -> None:
     """Download a shard into ``f`` until size and hash match the index, at most twice (S2)."""
     for attempt in range(1, DOWNLOAD_TRIES + 1):
         size = storage.read_into(info.file, f, progress=progress)

@@ -421,7 +421,7 @@ class StreamingDataset(IterableDataset):
         return sum(source.wait_seconds() for source in self.sources)
 
 
-def _source_options(stream: Stream, cache_limit, prefetch) -> dict[str, Any]:
+def _source_options(stream: Stream, cache_limit: int | str | None, prefetch: int) -> dict[str, Any]:
     if stream.remote is None or stream.remote.startswith("file://") and stream.local is None:
         return {}
     return {"cache_limit": cache_limit, "prefetch": prefetch, **stream.options}

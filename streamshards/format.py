@@ -18,6 +18,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -195,7 +196,7 @@ class ShardView:
                 )
             self.columns.append(_Column(ctype, offsets, data_pos, data_bytes))
 
-    def value(self, col: int, j: int):
+    def value(self, col: int, j: int) -> Any:
         """Decode column ``col`` of sample ``j`` (0-based within this shard)."""
         c = self.columns[col]
         if c.offsets is None:

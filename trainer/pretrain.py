@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ def forward_backward(
     return total
 
 
-def endless(loader: StreamingDataLoader):
+def endless(loader: StreamingDataLoader) -> Iterator[dict[str, Any]]:
     """Batches across epoch boundaries (the loader moves to the next epoch by itself)."""
     while True:
         yield from loader

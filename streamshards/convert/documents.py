@@ -12,8 +12,9 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 
@@ -85,7 +86,9 @@ class DocumentReader:
             raise ConvertError(f"{message} (use --on-error skip to skip such records)")
         docs.errors[kind] += 1
 
-    def records(self, docs: Documents, kind: str, payload, path: str, first_line: int):
+    def records(
+        self, docs: Documents, kind: str, payload: Any, path: str, first_line: int
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
         """Yield (line number, record dict) pairs; bad lines are counted or raise ConvertError."""
         if kind == "parquet":
             yield from enumerate(payload, first_line)

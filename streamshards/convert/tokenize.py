@@ -10,11 +10,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from itertools import chain
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
 
 from streamshards.convert.errors import ConvertError
+
+if TYPE_CHECKING:
+    import tokenizers
 
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|bos|>", "[BOS]", "<|startoftext|>")
@@ -55,7 +59,7 @@ def _import_tokenizers():
     return tokenizers
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str) -> tokenizers.Tokenizer:
     """A ``tokenizers.Tokenizer`` from a tokenizer.json, with a clear error on a bad file."""
     tokenizers = _import_tokenizers()
     try:

@@ -17,6 +17,7 @@ try:
     import boto3
     import botocore.exceptions as boto_errors
     import urllib3.exceptions
+    from botocore.client import BaseClient
     from botocore.config import Config
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("s3:// URLs need boto3: pip install 'streamshards[s3]'") from err
@@ -90,7 +91,7 @@ class S3Storage(Storage):
         return {**self.__dict__, "_client": None, "_client_pid": -1}
 
     @property
-    def client(self):
+    def client(self) -> BaseClient:
         """One boto3 client per process (clients are thread-safe, not fork-safe)."""
         if self._client is None or self._client_pid != os.getpid():
             config = Config(
