@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from streamshards import ShardWriter, load_index
-from streamshards.index import INDEX_NAME
+from streamshards import ShardWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from scale_index import link_index  # noqa: E402
 
 SHARDS = 100_000
 PER_SHARD = 10_000
@@ -52,21 +54,7 @@ def test_billion_sample_index_resumes_at_90_percent(tmp_path):
     with ShardWriter(real, {"id": "int64"}, compression=None, size_limit="1GB") as writer:
         for i in range(PER_SHARD):
             writer.write({"id": i})
-    template = load_index(real)
-    shard = template.shards[0]
-    data = tmp_path / "billion"
-    data.mkdir()
-    entry = shard.to_dict()
-    shards = []
-    for k in range(SHARDS):
-        name = f"shard.{k:06d}.ssd"
-        if k % 50_000 == 0:  # file systems cap the links to one file (ext4: 65,000)
-            source = real / f"copy{k}"
-            shutil.copyfile(real / shard.file, source)
-        os.link(source, data / name)
-        shards.append({**entry, "file": name})
-    index = {**template.to_dict(), "shards": shards, "num_samples": SHARDS * PER_SHARD}
-    (data / INDEX_NAME).write_text(json.dumps(index))
+    data = link_index(real, tmp_path / "billion", SHARDS)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
