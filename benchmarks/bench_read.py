@@ -94,23 +94,34 @@ def zstd_limit(folder: Path) -> float:
     return time.perf_counter() - started
 
 
-def epoch(folder: Path, shuffle: bool, workers: int | None, batch: int) -> tuple[float, int]:
+def epoch(
+    folder: Path, shuffle: bool, workers: int | None, batch: int, warm: bool = False
+) -> tuple[float, int]:
     """(seconds, samples) for one epoch; ``workers=None`` reads in-process, no DataLoader.
 
-    ``workers="steady"`` times the second in-process epoch of one dataset: its shards are
-    then open and verified, as they are for the whole of a long run.
+    ``warm`` times a dataset's second epoch: its shards are then open and verified, as they
+    are for most of a long run.
     """
     dataset = StreamingDataset(local=folder, shuffle=shuffle, seed=1, batch_size=batch)
-    if workers == "steady":
+    if warm:
         for _ in dataset.iter_batches():
             pass
     started = time.perf_counter()
     samples = 0
-    in_process = workers in (None, "steady")
-    batches = dataset.iter_batches() if in_process else StreamingDataLoader(dataset, workers)
+    batches = dataset.iter_batches() if workers is None else StreamingDataLoader(dataset, workers)
     for item in batches:
         samples += len(next(iter(item.values())))
     return time.perf_counter() - started, samples
+
+
+# row label: (workers, warm) as ``epoch`` takes them
+MODES = {
+    "in-process": (None, False),
+    "in-process, 2nd epoch": (None, True),
+    "loader, 0 workers": (0, False),
+    "loader, 1 workers": (1, False),
+    "loader, 2 workers": (2, False),
+}
 
 
 def main() -> None:
@@ -151,13 +162,13 @@ def main() -> None:
                 rate = index.num_samples / unzstd
                 rows.append((name, "zstd alone (limit)", "+", rate, raw_mb / unzstd))
             for shuffle in (False, True):
-                for workers in (None, "steady", 0, 1, 2):
-                    runs = [epoch(folder, shuffle, workers, args.batch) for _ in range(args.repeat)]
+                for how, (workers, warm) in MODES.items():
+                    runs = [
+                        epoch(folder, shuffle, workers, args.batch, warm)
+                        for _ in range(args.repeat)
+                    ]
                     assert all(samples == index.num_samples for _, samples in runs)
                     seconds = min(t for t, _ in runs)  # the run least disturbed by other work
-                    how = {None: "in-process", "steady": "in-process, 2nd epoch"}.get(
-                        workers, f"loader, {workers} workers"
-                    )
                     rate = index.num_samples / seconds
                     rows.append((name, how, "on" if shuffle else "off", rate, raw_mb / seconds))
     print(f"{'data':<9} {'how':<22} {'shuffle':<8} {'samples/s':>12} {'MB/s':>9} {'of limit':>9}")
