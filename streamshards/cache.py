@@ -4,7 +4,8 @@ Every rank and data-loader worker on a machine points at the same folder and coo
 through ``flock`` locks only, which the kernel drops when a process dies:
 
     LOCAL/index.json          the remote index, fetched once per node (atomic rename)
-    LOCAL/<shard>             complete shards, renamed in only after their hash matched
+    LOCAL/<shard>             complete shards, renamed in only after their hash matched, and
+                              stamped verified (streamshards.verify); atime is the LRU clock
     LOCAL/.<shard>.part       a download in progress, or one left by a killed process
     LOCAL/.locks/cache        exclusive: index fetch, space accounting, eviction
     LOCAL/.locks/<shard>.get  exclusive: the one download of this shard
@@ -20,7 +21,6 @@ import errno
 import fcntl
 import hashlib
 import logging
-import mmap
 import multiprocessing.util
 import os
 import tempfile
@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import BinaryIO
 
-from streamshards.format import ShardError, stored_hash
+from streamshards.format import ShardError
 from streamshards.index import (
     INDEX_NAME,
     Index,
@@ -43,6 +43,7 @@ from streamshards.index import (
 from streamshards.source import ShardSource
 from streamshards.storage import Progress, RetryPolicy, Storage, open_storage
 from streamshards.storage.flock import close_lock, flocked, open_lock
+from streamshards.verify import check_shard, is_verified, mark_verified, verify_and_mark
 from streamshards.writer import parse_size
 
 log = logging.getLogger("streamshards.cache")
@@ -56,34 +57,25 @@ def default_cache_dir(remote: str) -> Path:
     return Path(tempfile.gettempdir()) / "streamshards-cache" / key
 
 
-def file_hash(f: BinaryIO) -> str:
-    """xxh3-64 of an open file's whole content, memory-mapped."""
-    f.flush()
-    if os.fstat(f.fileno()).st_size == 0:
-        return stored_hash(b"")
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return stored_hash(data)
-
-
 def download_verified(
     storage: Storage, info: ShardInfo, f: BinaryIO, progress: Progress = None
 ) -> None:
     """Download a shard into ``f`` until size and hash match the index, at most twice (S2)."""
+    url = storage.url_of(info.file)
     for attempt in range(1, DOWNLOAD_TRIES + 1):
-        size = storage.read_into(info.file, f, progress=progress)
-        actual = file_hash(f)
-        if size == info.stored_bytes and actual == info.hash:
+        storage.read_into(info.file, f, progress=progress)
+        try:
+            check_shard(f, info, url)
             return
-        log.warning(
-            "shard %s from %s: got %d bytes, xxh3_64=%s; index says %d bytes, xxh3_64=%s "
-            "(download %d of %d)", info.file, storage.url, size, actual, info.stored_bytes,
-            info.hash, attempt, DOWNLOAD_TRIES,
-        )  # fmt: skip
-    raise ShardError(
-        f"shard {info.file} from {storage.url_of(info.file)} is corrupt after "
-        f"{DOWNLOAD_TRIES} downloads: index says xxh3_64={info.hash} ({info.stored_bytes} "
-        f"bytes), downloaded file has xxh3_64={actual} ({size} bytes)"
-    )
+        except ShardError as err:
+            if attempt == DOWNLOAD_TRIES:
+                raise ShardError(f"{err} (after {DOWNLOAD_TRIES} downloads)") from None
+            log.warning("%s (download %d of %d)", err, attempt, DOWNLOAD_TRIES)
+
+
+def _touch(path: Path) -> None:
+    """Advance the LRU clock (atime) of a cached shard; mtime stays, and with it the stamp."""
+    os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
 
 
 class RemoteSource(ShardSource):
@@ -207,10 +199,11 @@ class RemoteSource(ShardSource):
             if info is not None and old is not None and old.get(name) == info:
                 continue  # verified against the old index, which says the same
             if info is not None and old is None:
-                with open(target, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    if size == info.stored_bytes and file_hash(f) == info.hash:
-                        continue
+                try:
+                    verify_and_mark(target, info)
+                    continue
+                except ShardError:
+                    pass
             log.info("cache %s: dropping %s, not in the current index", self.local, name)
             target.unlink()
 
@@ -231,8 +224,8 @@ class RemoteSource(ShardSource):
                 self._cond.notify_all()  # room to fetch one more ahead
         try:
             self._hold(shard)
-            if target.exists():
-                os.utime(target)
+            if is_verified(target, info):
+                _touch(target)
             else:
                 self._fetch(info, required=True)
         except BaseException:
@@ -353,13 +346,19 @@ class RemoteSource(ShardSource):
 
     # -- downloading
     def _fetch(self, info: ShardInfo, required: bool) -> bool:
-        """Download one shard unless present; returns False if a prefetch found no room."""
+        """Download one shard unless a verified copy is present; returns False if a prefetch
+        found no room. A cached copy damaged on local disk is dropped and fetched again."""
         target = self.local / info.file
         part = self.local / f".{info.file}.part"
         with flocked(self._lock_path(info.file, "get"), fcntl.LOCK_EX):
             if target.exists():
-                os.utime(target)
-                return True
+                try:
+                    verify_and_mark(target, info)
+                    _touch(target)
+                    return True
+                except ShardError as err:
+                    log.warning("cache %s: %s; fetching it again", self.local, err)
+                    _unlink_quietly(target)
             if self.cache_limit is not None:
                 with self._cache_lock():
                     room = self._scan(evict_to=self.cache_limit - info.stored_bytes)
@@ -369,6 +368,7 @@ class RemoteSource(ShardSource):
             try:
                 with open(part, "w+b") as f:
                     download_verified(self.storage, info, f)
+                    mark_verified(f.fileno(), info, os.fstat(f.fileno()))
                 os.replace(part, target)
             except BaseException:
                 part.unlink(missing_ok=True)
@@ -416,7 +416,7 @@ class RemoteSource(ShardSource):
                 name = entry.name
                 if name in self._sizes:
                     stat = entry.stat()
-                    shards.append((stat.st_mtime, name, stat.st_size))
+                    shards.append((stat.st_atime, name, stat.st_size))
                     total += stat.st_size
                 elif name.startswith(".") and name.endswith(".part") and name[1:-5] in self._sizes:
                     with flocked(

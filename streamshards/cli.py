@@ -103,6 +103,11 @@ def verify(dataset: str) -> None:
     """
     from streamshards.reader import open_shard
 
+    if "://" in dataset and not dataset.startswith("file://"):
+        from streamshards.transfer import verify_remote_command
+
+        verify_remote_command(dataset)  # the remote objects themselves, not a node cache
+        return
     try:
         source = _open_index(dataset)
     except (IndexFormatError, FileNotFoundError) as err:

@@ -2,18 +2,20 @@
 
 Shards go up in parallel (multipart when big) with their xxh3-64 in the object metadata;
 a shard whose size and hash already match the remote is skipped, so an interrupted upload
-resumes where it stopped. index.json goes last: readers see the old dataset or the whole
-new one, never a half-uploaded one.
+resumes where it stopped. index.json goes last, and no object the remote's current index
+names is ever overwritten with other bytes (such a shard goes up under a name carrying its
+hash): at every instant readers see the old dataset or the whole new one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +23,10 @@ from types import TracebackType
 from typing import Any
 
 import click
+import xxhash
 from tqdm import tqdm
 
-from streamshards.cache import download_verified, file_hash
+from streamshards.cache import download_verified
 from streamshards.format import ShardError
 from streamshards.index import (
     INDEX_NAME,
@@ -32,10 +35,13 @@ from streamshards.index import (
     ShardInfo,
     atomic_file,
     atomic_write,
+    fsync_folder,
+    index_bytes,
     load_index,
     parse_index_bytes,
 )
 from streamshards.storage import NotFoundError, ObjectInfo, Storage, StorageError, open_storage
+from streamshards.verify import check_shard, mismatch
 from streamshards.writer import ShardWriter
 
 
@@ -96,44 +102,61 @@ def _already_there(
 def _check_local(folder: Path, info: ShardInfo) -> Path:
     """The local shard file, refused if it does not match its index entry."""
     path = folder / info.file
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        actual = file_hash(f) if size == info.stored_bytes else None
-    if actual != info.hash:
-        raise ShardError(
-            f"{path}: does not match {folder / INDEX_NAME}: index says "
-            f"{info.stored_bytes} bytes with xxh3_64={info.hash}, file has "
-            f"{size} bytes" + (f" with xxh3_64={actual}" if actual else "")
-        )
+    check_shard(path, info)
     return path
+
+
+def _published_as(info: ShardInfo, listed: dict[str, ShardInfo]) -> ShardInfo:
+    """The entry under which a shard is published: its own name, unless the remote's current
+    index names that object with other content; then a name carrying the shard's hash, so the
+    dataset readers see now is never changed under them."""
+    entry = listed.get(info.file)
+    if entry is None or entry == info:
+        return info
+    stem, dot, suffix = info.file.partition(".")
+    return dataclasses.replace(info, file=f"{stem}.{info.hash}{dot}{suffix}")
+
+
+def _index_to_publish(index: Index, data: bytes, published: list[ShardInfo]) -> bytes:
+    """``data`` (the local index.json) as is, or rewritten to name the renamed shards."""
+    if published == index.shards:
+        return data
+    return index_bytes(dataclasses.replace(index, shards=published))
 
 
 def upload(
     local: str | os.PathLike, remote: str, workers: int = 8, progress: bool = True
 ) -> TransferReport:
-    """Publish the dataset folder ``local`` to ``remote``; index.json is uploaded last."""
+    """Publish the dataset folder ``local`` to ``remote``; index.json is uploaded last.
+
+    Over an existing dataset, shards whose names it uses for other bytes go up under new names
+    (see ``_published_as``), so the old dataset stays whole until the new index replaces it.
+    """
     start = time.perf_counter()
     folder = Path(local)
     index = load_index(folder)
+    data = (folder / INDEX_NAME).read_bytes()
     storage = open_storage(remote)
     try:
         objects = {o.name: o for o in storage.list()}
     except NotFoundError:
         objects = {}  # a local destination folder that does not exist yet
     listed = _remote_index(storage) if INDEX_NAME in objects else {}
+    published = [_published_as(info, listed) for info in index.shards]
     bar = _Bar(index.stored_bytes, "upload", progress)
 
-    def send(info: ShardInfo) -> bool:
-        if _already_there(storage, info, objects, listed):
+    def send(pair: tuple[ShardInfo, ShardInfo]) -> bool:
+        info, target = pair
+        if _already_there(storage, target, objects, listed):
             bar(info.stored_bytes)
             return False
-        storage.put(_check_local(folder, info), info.file, info.hash, bar)
+        storage.put(_check_local(folder, info), target.file, info.hash, bar)
         return True
 
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            sent = list(pool.map(send, index.shards))
-        storage.put_bytes((folder / INDEX_NAME).read_bytes(), INDEX_NAME)
+            sent = list(pool.map(send, zip(index.shards, published, strict=True)))
+        storage.put_bytes(_index_to_publish(index, data, published), INDEX_NAME)
     finally:
         bar.close()
     return _report(index, sent, start)
@@ -142,13 +165,21 @@ def upload(
 def download(
     remote: str, local: str | os.PathLike, workers: int = 8, progress: bool = True
 ) -> TransferReport:
-    """Copy the dataset at ``remote`` into the folder ``local``, verified; index.json last."""
+    """Copy the dataset at ``remote`` into the folder ``local``, verified; index.json last.
+
+    A different index already in ``local`` is removed first, so that no reader ever sees an
+    index naming shards that are being replaced.
+    """
     start = time.perf_counter()
     storage = open_storage(remote)
     data = storage.get_bytes(INDEX_NAME)
     index = parse_index_bytes(data, storage.url_of(INDEX_NAME))
     folder = Path(local)
     folder.mkdir(parents=True, exist_ok=True)
+    old = folder / INDEX_NAME
+    if old.is_file() and old.read_bytes() != data:
+        old.unlink()
+        fsync_folder(folder)
     bar = _Bar(index.stored_bytes, "download", progress)
 
     def fetch(info: ShardInfo) -> bool:
@@ -200,6 +231,8 @@ class RemoteWriter:
                 f"{self.storage.url_of(INDEX_NAME)} exists; pass "
                 "overwrite=True to replace that dataset"
             )
+        self._listed = _remote_index(self.storage) if overwrite else {}
+        self._published: dict[str, ShardInfo] = {}
         self._temp = None if staging is not None else tempfile.mkdtemp(prefix="streamshards-")
         self.staging = Path(staging if staging is not None else self._temp)
         self.keep_local = keep_local
@@ -221,7 +254,9 @@ class RemoteWriter:
 
     def _send(self, info: ShardInfo) -> None:
         path = self.staging / info.file
-        self.storage.put(path, info.file, info.hash)
+        target = _published_as(info, self._listed)
+        self.storage.put(path, target.file, info.hash)
+        self._published[info.file] = target
         if not self.keep_local:
             path.unlink()
 
@@ -240,7 +275,9 @@ class RemoteWriter:
             self._send_finished()
             while self._pending:
                 self._pending.pop(0).result()
-            self.storage.put_bytes((self.staging / INDEX_NAME).read_bytes(), INDEX_NAME)
+            published = [self._published[info.file] for info in index.shards]
+            data = (self.staging / INDEX_NAME).read_bytes()
+            self.storage.put_bytes(_index_to_publish(index, data, published), INDEX_NAME)
         finally:
             self._shutdown()
         return index
@@ -264,6 +301,70 @@ class RemoteWriter:
         else:  # no index is published: the remote does not become a dataset
             self.writer.__exit__(exc_type, exc, tb)
             self._shutdown()
+
+
+class _HashingSink:
+    """A write-only file that hashes what it is given: streams an object without touching disk.
+
+    ``Storage.read_into`` rewinds it before each try, which starts the hash over.
+    """
+
+    def __init__(self) -> None:
+        self.seek(0)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if offset or whence:
+            raise OSError("a hashing sink can only be rewound to its start")
+        self._hash, self._size = xxhash.xxh3_64(), 0
+        return 0
+
+    def truncate(self, size: int | None = None) -> int:
+        return self._size
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self._size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._size
+
+    def flush(self) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def verify_remote(
+    remote: str, workers: int = 8
+) -> tuple[Index, Iterator[tuple[ShardInfo, str | None]]]:
+    """The remote's index, and (shard, problem or None) for each shard in index order.
+
+    Checks the objects themselves, not a cache: an object longer than the index says is
+    found from a HEAD request alone; others are streamed through xxh3-64, ``workers`` at a
+    time.
+    """
+    storage = open_storage(remote)
+    index = parse_index_bytes(storage.get_bytes(INDEX_NAME), storage.url_of(INDEX_NAME))
+
+    def check(info: ShardInfo) -> tuple[ShardInfo, str | None]:
+        url = storage.url_of(info.file)
+        try:
+            size = storage.stat(info.file).size
+            if size > info.stored_bytes:
+                return info, mismatch(info, url, size, None)
+            sink = _HashingSink()
+            size = storage.read_into(info.file, sink)  # type: ignore[arg-type]
+            return info, mismatch(info, url, size, sink.hexdigest())
+        except StorageError as err:
+            return info, str(err)
+
+    def results() -> Iterator[tuple[ShardInfo, str | None]]:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            yield from pool.map(check, index.shards)
+
+    return index, results()
 
 
 _ERRORS = (StorageError, IndexFormatError, ShardError, FileNotFoundError, ValueError)
@@ -307,4 +408,27 @@ def download_command(remote: str, local: str, workers: int, quiet: bool) -> None
         report = download(remote, local, workers, progress=not quiet)
     except _ERRORS as err:
         raise click.ClickException(str(err)) from None
+    except OSError as err:  # the local side: a file in the way, read-only, disk full
+        where = f" ({err.filename})" if err.filename else ""
+        raise click.ClickException(
+            f"cannot write the dataset into {local}: {err.strerror or err}{where}"
+        ) from None
     click.echo(_summary("downloaded", report, f"into {local}"))
+
+
+def verify_remote_command(remote: str, workers: int = 8) -> None:
+    """``streamshards verify`` for a URL: one ``BAD name: reason`` line per bad shard, a
+    summary, exit 1 if any is bad."""
+    try:
+        index, results = verify_remote(remote, workers)
+        bad = 0
+        for info, problem in results:
+            if problem is not None:
+                bad += 1
+                click.echo(f"BAD {info.file}: {problem}")
+    except (StorageError, IndexFormatError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    shards = len(index.shards)
+    click.echo(f"{shards - bad} of {shards} shards ok, {index.num_samples:,} samples")
+    if bad:
+        raise SystemExit(1)

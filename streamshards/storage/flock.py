@@ -20,9 +20,16 @@ _lock_fds_mutex = threading.Lock()
 
 
 def open_lock(path: Path) -> int:
-    """Open (creating if needed) a lock file; the descriptor is closed in forked children."""
+    """Open (creating if needed) a lock file; the descriptor is closed in forked children.
+
+    A lock folder deleted meanwhile (a cache wiped under running readers) is made again.
+    """
     with _lock_fds_mutex:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         _lock_fds.add(fd)
     return fd
 
