@@ -1,8 +1,9 @@
 """StreamingDataset: one or more streams of shards read in a deterministic, resumable order.
 
 The dataset composes the pure order (``streamshards.order``) with shard sources
-(``streamshards.source``). Its iteration state is (epoch, samples_seen): where the next
-global batch starts. See docs/ORDER.md for the order and the resume rules.
+(``streamshards.source``). Where the next global batch starts is a ``Cursor``
+(epoch, samples_seen) owned by whoever iterates and passed to ``iter_batches``; the dataset's
+``state_dict``/``load_state_dict`` encode and check it. See docs/ORDER.md.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import torch.distributed as dist
 import xxhash
 from torch.utils.data import IterableDataset, get_worker_info
 
+from streamshards.columns import ColumnType
 from streamshards.format import ShardView
 from streamshards.order import (
+    Cursor,
     EpochOrder,
     allocate,
     batch_positions,
@@ -36,6 +39,20 @@ from streamshards.reader import open_shard
 from streamshards.source import ShardSource, open_source
 
 STATE_VERSION = 1
+STATE_KEYS = ("version", "epoch", "samples_seen", "fingerprint", "order")
+
+# Open shard views kept per process at most: each is a memory map, and Linux allows 65,530
+# maps per process by default (vm.max_map_count), shared with everything else in it.
+MAX_OPEN_VIEWS = 4096
+# A shard's (stream, shard) packed into one int64 as stream * SHARD_KEY_STRIDE + shard, so one
+# sort groups a batch by shard; no stream has 2**40 shards.
+SHARD_KEY_STRIDE = 1 << 40
+# Samples read as one gather when the dataset is iterated sample by sample: per-read costs
+# are paid once per this many samples rather than once per (small) batch.
+JOIN_SAMPLES = 256
+# Global positions looked up per call to the order: a lookup costs per call, so this many
+# share one, while the one chunk of lookahead stays a few hundred KiB.
+LOOKUP_CHUNK = 16384
 
 
 @dataclass
@@ -121,18 +138,34 @@ class StreamingDataset(IterableDataset):
                 )
         self.columns = dict(first)
         self.column_types = self.sources[0].index.column_types
+        self.provenance: list[dict[str, Any]] = [s.index.provenance for s in self.sources]
         self.stream_starts = np.cumsum([0] + [s.index.num_samples for s in self.sources])
         self.take = self._take_per_stream(epoch_size)
         self.epoch_size = sum(self.take)
         self.fingerprint = self._fingerprint()
-        self.epoch = 0
-        self.samples_seen = 0
+        self.cursor = Cursor()  # where iterating the dataset itself starts (not a loader's)
         # Pinned by StreamingDataLoader before it starts workers, which may not see the
         # process group; None means ask ``world()`` at iteration time.
         self.rank_world: tuple[int, int] | None = None
         self._order: EpochOrder | None = None
         self._views: OrderedDict[tuple[int, int], ShardView] = OrderedDict()
         self._view_bytes = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch where iterating the dataset itself starts."""
+        return self.cursor.epoch
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples of ``epoch`` (all ranks) that iterating the dataset itself skips."""
+        return self.cursor.samples_seen
+
+    def column_type(self, name: str) -> ColumnType:
+        """The parsed type of column ``name`` (its kind, and dtype and shape for arrays)."""
+        if name not in self.columns:
+            raise KeyError(f"no column {name!r} (columns: {', '.join(self.columns)})")
+        return self.column_types[list(self.columns).index(name)]
 
     def _take_per_stream(self, epoch_size: int | None) -> list[int]:
         sizes = [s.index.num_samples for s in self.sources]
@@ -213,7 +246,7 @@ class StreamingDataset(IterableDataset):
             for old in mine[: max(0, len(mine) - source.max_open)]:
                 self._close(old)
         while len(self._views) > 1 and (
-            self._view_bytes > self.memory_budget or len(self._views) > 4096
+            self._view_bytes > self.memory_budget or len(self._views) > MAX_OPEN_VIEWS
         ):
             self._close(next(iter(self._views)))
         return view
@@ -235,8 +268,8 @@ class StreamingDataset(IterableDataset):
     # Order and state -----------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Start the next iteration at the beginning of ``epoch``."""
-        self.epoch, self.samples_seen = int(epoch), 0
+        """Start the next iteration of the dataset itself at the beginning of ``epoch``."""
+        self.cursor = Cursor(int(epoch), 0)
 
     def order(self, epoch: int) -> EpochOrder:
         """The global order of ``epoch`` (built in O(shards), kept for the current epoch)."""
@@ -262,47 +295,94 @@ class StreamingDataset(IterableDataset):
         _, world_size = self.rank_world or world()
         return epoch_end(self.epoch_size, self.batch_size * world_size, world_size, self.drop_last)
 
-    def num_batches(self) -> int:
-        """Batches this rank yields from ``samples_seen`` to the end of the current epoch."""
+    def num_batches(self, cursor: Cursor | None = None) -> int:
+        """Batches this rank yields from ``cursor`` (default: the dataset's) to the epoch's end."""
+        cursor = self.cursor if cursor is None else cursor
         rank, world_size = self.rank_world or world()
         end = self.epoch_end()
-        return rank_batches(min(self.samples_seen, end), end, rank, world_size, self.batch_size)[1]
+        first = min(cursor.samples_seen, end)
+        return rank_batches(first, end, rank, world_size, self.batch_size)[1]
 
     def state_dict(self, num_samples_seen: int, epoch: int | None = None) -> dict[str, Any]:
         """A resumable state after ``num_samples_seen`` samples (all ranks) of ``epoch``."""
-        epoch = self.epoch if epoch is None else epoch
-        if num_samples_seen >= self.epoch_end():
-            epoch, num_samples_seen = epoch + 1, 0
+        return self.encode_cursor(Cursor(self.epoch if epoch is None else epoch, num_samples_seen))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue iterating the dataset itself from ``state`` (checked by ``decode_cursor``)."""
+        self.cursor = self.decode_cursor(state)
+
+    def encode_cursor(self, cursor: Cursor) -> dict[str, Any]:
+        """The state of ``cursor``: plain values, with what it is valid for (data and order)."""
+        epoch, samples_seen = cursor.epoch, cursor.samples_seen
+        if samples_seen >= self.epoch_end():
+            epoch, samples_seen = epoch + 1, 0
         return {
             "version": STATE_VERSION,
             "epoch": int(epoch),
-            "samples_seen": int(num_samples_seen),
+            "samples_seen": int(samples_seen),
             "fingerprint": self.fingerprint,
             "order": self.order_config(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; refuse one saved for other data or another order config."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+    def decode_cursor(self, state: dict[str, Any]) -> Cursor:
+        """The cursor ``state`` holds, refusing a malformed state or one for other data or order.
+
+        Nothing is coerced: a field of the wrong type is an error naming it, never converted.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"loader state must be a dict, got {type(state).__name__}")
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"loader state is missing key(s): {', '.join(missing)}")
+        extra = sorted(repr(k) for k in state if k not in STATE_KEYS)
+        if extra:
+            raise ValueError(
+                f"loader state has unknown key(s): {', '.join(extra)} "
+                f"(expected {', '.join(STATE_KEYS)})"
+            )
+        version = state["version"]
+        if not _is_int(version) or version != STATE_VERSION:
+            raise ValueError(f"loader state version {version!r} is not {STATE_VERSION}")
+        for name in ("epoch", "samples_seen"):
+            value = state[name]
+            if not _is_int(value):
+                raise ValueError(
+                    f"loader state field {name} must be an integer, "
+                    f"got {value!r} ({type(value).__name__})"
+                )
+            if value < 0:
+                raise ValueError(f"loader state field {name} must not be negative, got {value}")
+        saved = state["order"]
+        if not isinstance(saved, dict):
+            raise ValueError(f"loader state field order must be a dict, got {type(saved).__name__}")
         mine = self.order_config()
-        saved = state.get("order", {})
-        changed = [k for k in mine if saved.get(k) != mine[k]]
+        changed = [
+            k for k in (*mine, *(k for k in saved if k not in mine)) if not _same(saved, mine, k)
+        ]
         if changed:
-            diffs = ", ".join(f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in changed)
+            diffs = ", ".join(
+                f"{k}: saved {saved.get(k, 'nothing')!r}, now {mine.get(k, 'nothing')!r}"
+                for k in changed
+            )
             raise ValueError(f"loader state was saved with a different order config ({diffs})")
-        if state.get("fingerprint") != self.fingerprint:
+        if state["fingerprint"] != self.fingerprint:
             raise ValueError(
                 f"loader state was saved for different data (fingerprint "
-                f"{state.get('fingerprint')}, this dataset {self.fingerprint}): shards were added,"
+                f"{state['fingerprint']!r}, this dataset {self.fingerprint}): shards were added,"
                 " removed or rewritten"
             )
-        self.epoch, self.samples_seen = int(state["epoch"]), int(state["samples_seen"])
+        end = self.epoch_end()
+        if state["samples_seen"] > end:
+            raise ValueError(
+                f"loader state field samples_seen {state['samples_seen']} is past the end of the "
+                f"epoch ({end} samples at this world size and batch size)"
+            )
+        return Cursor(state["epoch"], state["samples_seen"])
 
     # Iteration -----------------------------------------------------------------------------
 
-    def position_batches(self) -> Iterator[np.ndarray]:
-        """Global positions of each batch this rank and data-loader worker reads this epoch.
+    def position_batches(self, cursor: Cursor) -> Iterator[np.ndarray]:
+        """Global positions of each batch this rank and data-loader worker reads from ``cursor``.
 
         Worker ``i`` of ``w`` takes the rank's batches ``i, i + w, ...``, which is the order
         in which a DataLoader collects them, so batches do not depend on ``num_workers``.
@@ -311,15 +391,17 @@ class StreamingDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         end = self.epoch_end()
-        if self.samples_seen > end:
-            raise ValueError(f"samples_seen {self.samples_seen} is past the epoch's end {end}")
+        if cursor.samples_seen > end:  # the world size changed since the state was checked
+            raise ValueError(f"samples_seen {cursor.samples_seen} is past the epoch's end {end}")
         if end < self.epoch_size and not self.drop_last and rank == 0 and worker == 0:
             warnings.warn(
-                f"the last {self.epoch_size - end} samples of epoch {self.epoch} are fewer than "
+                f"the last {self.epoch_size - end} samples of epoch {cursor.epoch} are fewer than "
                 f"the {world_size} ranks and are dropped",
                 stacklevel=2,
             )
-        first, num_batches = rank_batches(self.samples_seen, end, rank, world_size, self.batch_size)
+        first, num_batches = rank_batches(
+            cursor.samples_seen, end, rank, world_size, self.batch_size
+        )
         rank_end = end if first < end else first
         for batch in range(worker, num_batches, workers):
             yield batch_positions(first, batch, rank_end, world_size, self.batch_size)
@@ -332,27 +414,34 @@ class StreamingDataset(IterableDataset):
                 _, first = np.unique(wanted, return_index=True)
                 source.prefetch([int(s) for s in wanted[np.sort(first)]])
 
-    def iter_batches(self, join: int = 1) -> Iterator[dict[str, Any]]:
-        """This rank's (and worker's) batches as dicts of column arrays or lists.
+    def iter_batches(
+        self, cursor: Cursor | None = None, *, join: int = 1
+    ) -> Iterator[dict[str, Any]]:
+        """This rank's (and worker's) batches from ``cursor`` as dicts of column arrays or lists.
 
-        ``join`` consecutive batches are read as one, which amortises per-read costs when
-        the caller splits them into samples anyway.
+        Without a cursor the dataset's own is used, and moved to the next epoch once this one
+        is read in-process. ``join`` consecutive batches are read as one, which amortises
+        per-read costs when the caller splits them into samples anyway.
         """
+        own = cursor is None
+        cursor = self.cursor if cursor is None else cursor
         try:
-            for located in self._located(self.order(self.epoch), join):
+            for located in self._located(self.order(cursor.epoch), cursor, join):
                 yield self.read(*located)
         finally:  # local shards stay open for the next epoch; cached ones make room
             self._release_cached()
-        if get_worker_info() is None:
-            self.set_epoch(self.epoch + 1)
+        if own and get_worker_info() is None:
+            self.cursor = cursor.next_epoch()
 
-    def _located(self, order: EpochOrder, join: int, chunk: int = 16384) -> Iterator[tuple]:
+    def _located(
+        self, order: EpochOrder, cursor: Cursor, join: int, chunk: int = LOOKUP_CHUNK
+    ) -> Iterator[tuple]:
         """(stream, shard, sample) arrays of each read, looked up ``chunk`` positions at a time.
 
         Lookups are batched because their cost is per call, not per position; each chunk is
         looked up, and its shards handed to the sources to prefetch, one chunk ahead of use.
         """
-        batches = self.position_batches()
+        batches = self.position_batches(cursor)
         units = iter(lambda: list(islice(batches, join)), [])
 
         def chunks() -> Iterator[list[tuple]]:
@@ -383,7 +472,7 @@ class StreamingDataset(IterableDataset):
         """Gather samples (stream, shard, index) into one batch: arrays for fixed-size columns."""
         parts = [
             (self._view(int(streams[i[0]]), int(shards[i[0]])), i, js[i])
-            for i in groups(streams * (1 << 40) + shards)
+            for i in groups(streams * SHARD_KEY_STRIDE + shards)
         ]
         batch: dict[str, Any] = {}
         for col, (name, ctype) in enumerate(zip(self.columns, self.column_types)):
@@ -409,7 +498,7 @@ class StreamingDataset(IterableDataset):
         scalars = [
             n for n, t in zip(self.columns, self.column_types) if t.kind in ("int64", "float64")
         ]
-        for batch in self.iter_batches(join=max(1, 256 // self.batch_size)):
+        for batch in self.iter_batches(join=max(1, JOIN_SAMPLES // self.batch_size)):
             for name in scalars:
                 batch[name] = batch[name].tolist()
             size = len(next(iter(batch.values())))
@@ -419,6 +508,18 @@ class StreamingDataset(IterableDataset):
     def wait_seconds(self) -> float:
         """Seconds this process waited on shard downloads."""
         return sum(source.wait_seconds() for source in self.sources)
+
+
+def _is_int(value: Any) -> bool:
+    """An int proper: bools are ints to Python but never a count or an epoch here."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _same(saved: dict[str, Any], mine: dict[str, Any], key: str) -> bool:
+    """Whether ``key`` is present in both and equal in value and JSON type (True is not 1)."""
+    if key not in saved or key not in mine:
+        return False
+    return json.dumps(saved[key], default=repr) == json.dumps(mine[key], default=repr)
 
 
 def _source_options(stream: Stream, cache_limit: int | str | None, prefetch: int) -> dict[str, Any]:

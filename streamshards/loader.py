@@ -11,19 +11,24 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from streamshards.dataset import StreamingDataset, world
+from streamshards.order import Cursor
 
 
 class _Batches(IterableDataset):
-    """The dataset's batches, already gathered, for a DataLoader with ``batch_size=None``."""
+    """The dataset's batches from ``cursor``, already gathered, for ``batch_size=None``.
+
+    The loader sets ``cursor`` before each epoch; workers get it with their copy of this object.
+    """
 
     def __init__(self, dataset: StreamingDataset):
         self.dataset = dataset
+        self.cursor = Cursor()
 
     def __len__(self) -> int:
-        return self.dataset.num_batches()
+        return self.dataset.num_batches(self.cursor)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.dataset.iter_batches():
+        for batch in self.dataset.iter_batches(self.cursor):
             yield {
                 k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()
             }
@@ -40,6 +45,7 @@ class StreamingDataLoader(DataLoader):
     Batches are gathered inside the dataset (one array per fixed-size column), so the
     loader's batch size is the dataset's ``batch_size``. Counting happens where batches
     reach the caller, so batches that workers prefetched but nobody consumed are not lost.
+    The loader owns its ``cursor``; the dataset only encodes and checks it.
     """
 
     def __init__(self, dataset: StreamingDataset, num_workers: int = 0, **kwargs: Any):
@@ -52,19 +58,29 @@ class StreamingDataLoader(DataLoader):
             if key in kwargs:
                 raise ValueError(f"set {key} on the StreamingDataset, not on the loader")
         kwargs.setdefault("collate_fn", _as_is)  # batches are tensors and lists already
-        super().__init__(_Batches(dataset), batch_size=None, num_workers=num_workers, **kwargs)
+        self._batches = _Batches(dataset)
+        super().__init__(self._batches, batch_size=None, num_workers=num_workers, **kwargs)
         self.streaming = dataset
-        self.epoch = dataset.epoch
-        self.samples_seen = dataset.samples_seen
+        self.cursor = dataset.cursor
         self.wait_seconds = 0.0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        return self.cursor.epoch
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples of ``epoch`` that all ranks have consumed."""
+        return self.cursor.samples_seen
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = self.streaming
-        dataset.epoch, dataset.samples_seen = self.epoch, self.samples_seen
         dataset.rank_world = world()
         _, world_size = dataset.rank_world
         global_batch = dataset.batch_size * world_size
         end = dataset.epoch_end()
+        self._batches.cursor = self.cursor
         batches = super().__iter__()
         while True:
             started = time.perf_counter()
@@ -72,21 +88,18 @@ class StreamingDataLoader(DataLoader):
             self.wait_seconds += time.perf_counter() - started
             if batch is None:
                 break
-            self.samples_seen = min(self.samples_seen + global_batch, end)
+            self.cursor = self.cursor.advanced(global_batch, end)
             yield batch
-        self.epoch, self.samples_seen = self.epoch + 1, 0
+        self.cursor = self.cursor.next_epoch()
 
     def __len__(self) -> int:
         """Batches left in the current epoch on this rank."""
-        dataset = self.streaming
-        dataset.epoch, dataset.samples_seen = self.epoch, self.samples_seen
-        return dataset.num_batches()
+        return self.streaming.num_batches(self.cursor)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values: epoch, samples consumed by all ranks this epoch, and fingerprints."""
-        return self.streaming.state_dict(self.samples_seen, self.epoch)
+        return self.streaming.encode_cursor(self.cursor)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where ``state`` was saved (any world size, any ``num_workers``)."""
-        self.streaming.load_state_dict(state)
-        self.epoch, self.samples_seen = self.streaming.epoch, self.streaming.samples_seen
+        self.cursor = self.streaming.decode_cursor(state)

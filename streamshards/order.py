@@ -21,11 +21,33 @@ import numpy as np
 _SPAN_TAG = 0x5350414E
 _BLOCK_TAG = 0x424C4F4B
 _CHOOSE_TAG = 0x43484F53
+# A partition holds at most size // window + 1 blocks, so a stride one larger than that makes
+# part * stride + block one distinct integer per (partition, block): one sort groups them.
+_BLOCK_KEY_SPARE = 2
 
 
 def rng(seed: int, *keys: int) -> np.random.Generator:
     """A generator that depends only on ``seed`` and ``keys`` (stable across runs and hosts)."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *keys])))
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the next global batch starts: ``samples_seen`` positions into ``epoch``.
+
+    One value, owned by whoever iterates (the loader, or the dataset iterated directly).
+    """
+
+    epoch: int = 0
+    samples_seen: int = 0
+
+    def advanced(self, samples: int, end: int) -> Cursor:
+        """This cursor moved on by ``samples`` positions, stopping at the epoch's ``end``."""
+        return Cursor(self.epoch, min(self.samples_seen + samples, end))
+
+    def next_epoch(self) -> Cursor:
+        """The start of the following epoch."""
+        return Cursor(self.epoch + 1, 0)
 
 
 @dataclass(frozen=True)
@@ -166,7 +188,8 @@ class EpochOrder:
         part_size = self.part_len + (part < self.part_rem)
         block, offset = q // self.window, q % self.window
         inner = np.empty_like(t)
-        for idx in groups(part * (self.size // self.window + 2) + block):
+        stride = self.size // self.window + _BLOCK_KEY_SPARE
+        for idx in groups(part * stride + block):
             p, b = int(part[idx[0]]), int(block[idx[0]])
             length = int(min(self.window, part_size[idx[0]] - b * self.window))
             inner[idx] = self._block_perm(p, b, length)[offset[idx]]
