@@ -118,24 +118,89 @@ def compress(raw: bytes, level: int | None) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(raw)
 
 
-def decompress(stored: bytes | memoryview, raw_bytes: int, name: str) -> bytes:
-    """Decompress a stored shard, refusing to produce more than the index's raw size (F4)."""
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_BLOCK_MAX = 128 * 1024
+
+
+def _frame_bounds(stored: memoryview, name: str) -> int:
+    """Walk the block headers of the one zstd frame that must fill ``stored`` exactly.
+
+    Returns the most raw bytes the frame can produce (RFC 8878 section 3.1.1.2), so an
+    index promising more is refused before anything is allocated, and refuses a frame that
+    is truncated or followed by anything (a second frame included).
+    """
+    if bytes(stored[:4]) != ZSTD_MAGIC:
+        raise ShardError(
+            f"shard {name}: index field compression is 'zstd' but the file is not a zstd frame "
+            f"(it starts with {bytes(stored[:8])!r})"
+        )
+    try:
+        pos = zstandard.frame_header_size(stored)
+    except zstandard.ZstdError as err:
+        raise ShardError(f"shard {name}: bad zstd frame header: {err}") from None
+    most = 0
+    last = False
+    while not last:
+        if pos + 3 > len(stored):
+            raise ShardError(f"shard {name}: zstd frame is truncated at byte {pos}")
+        header = int.from_bytes(stored[pos : pos + 3], "little")
+        last, kind, size = header & 1, header >> 1 & 3, header >> 3
+        if kind == 3:
+            raise ShardError(f"shard {name}: zstd block at byte {pos} has the reserved type")
+        most += _BLOCK_MAX if kind == 2 else size
+        pos += 3 + (1 if kind == 1 else size)
+    if stored[4] & 4:
+        pos += 4
+    if pos != len(stored):
+        raise ShardError(
+            f"shard {name}: the zstd frame ends at byte {pos} but the file has {len(stored)} "
+            "bytes (truncated, or followed by data: a shard is exactly one frame)"
+        )
+    return most
+
+
+def decompress(stored: bytes | memoryview, raw_bytes: int, name: str) -> memoryview:
+    """Decompress a stored shard, refusing to produce more than the index's raw size (F4).
+
+    Decompression streams into one buffer of ``raw_bytes``, allocated only once the frame's
+    block headers show it can fill it, and the frame's checksum is checked at its end.
+    """
+    stored = memoryview(stored)
+    most = _frame_bounds(stored, name)
     declared = zstandard.frame_content_size(stored)
     if declared not in (-1, raw_bytes):
         raise ShardError(
-            f"shard {name}: frame declares {declared} raw bytes, index says {raw_bytes}"
+            f"shard {name}: frame declares {declared} raw bytes, index field raw_bytes says "
+            f"{raw_bytes}"
         )
+    if most < raw_bytes:
+        raise ShardError(
+            f"shard {name}: the zstd frame holds at most {most} raw bytes, index field "
+            f"raw_bytes says {raw_bytes}"
+        )
+    raw = np.empty(raw_bytes, dtype=np.uint8)
+    out = memoryview(raw)
+    filled = 0
     try:
-        if declared == raw_bytes:
-            raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_bytes)
-        else:
-            reader = zstandard.ZstdDecompressor().stream_reader(memoryview(stored))
-            raw = reader.read(raw_bytes + 1)
+        reader = zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False)
+        while filled < raw_bytes:
+            got = reader.readinto(out[filled:])
+            if not got:
+                break
+            filled += got
+        extra = reader.read(1)
     except zstandard.ZstdError as err:
         raise ShardError(f"shard {name}: zstd decompression failed: {err}") from None
-    if len(raw) != raw_bytes:
-        raise ShardError(f"shard {name}: decompressed to {len(raw)} bytes, index says {raw_bytes}")
-    return raw
+    if extra:
+        raise ShardError(
+            f"shard {name}: decompresses to more than the {raw_bytes} bytes that index field "
+            "raw_bytes promises"
+        )
+    if filled != raw_bytes:
+        raise ShardError(
+            f"shard {name}: decompressed to {filled} bytes, index field raw_bytes says {raw_bytes}"
+        )
+    return out
 
 
 @dataclass
@@ -174,27 +239,45 @@ class ShardView:
         self.columns: list[_Column] = []
         self._arrays: dict[int, np.ndarray] = {}
         for k, ctype in enumerate(types):
-            offsets_pos, data_pos, data_bytes = _COL.unpack_from(
-                self.buf, _HEAD.size + k * _COL.size
+            self.columns.append(self._column(k, ctype, names[k], count))
+
+    def _column(self, k: int, ctype: ColumnType, column: str, count: int) -> _Column:
+        """Check column ``k``'s table entry and offsets against the shard's bounds.
+
+        Every position and length is a u64 compared as an unbounded integer (or unsigned in
+        numpy), so no edited value can wrap around into the shard.
+        """
+        size = len(self.buf)
+        offsets_pos, data_pos, data_bytes = _COL.unpack_from(self.buf, _HEAD.size + k * _COL.size)
+        if data_pos + data_bytes > size:
+            raise ShardError(
+                f"shard {self.name}: column {column!r} data ({data_bytes} bytes at {data_pos}) "
+                f"overruns the {size}-byte shard"
             )
-            if data_pos + data_bytes > len(self.buf):
-                raise ShardError(f"shard {name}: column {names[k]!r} overruns the shard")
-            offsets = None
-            if ctype.fixed_size is None:
-                end = offsets_pos + 8 * (count + 1)
-                if offsets_pos == 0 or end > len(self.buf):
-                    raise ShardError(f"shard {name}: column {names[k]!r} offsets table is missing")
-                offsets = np.frombuffer(self.buf, dtype="<u8", count=count + 1, offset=offsets_pos)
-                if count and (
-                    offsets[-1] != data_bytes or np.any(np.diff(offsets.astype(np.int64)) < 0)
-                ):
-                    raise ShardError(f"shard {name}: column {names[k]!r} offsets are corrupt")
-            elif ctype.fixed_size * count != data_bytes:
+        if ctype.fixed_size is not None:
+            if ctype.fixed_size * count != data_bytes:
                 raise ShardError(
-                    f"shard {name}: column {names[k]!r} holds {data_bytes} bytes, "
+                    f"shard {self.name}: column {column!r} holds {data_bytes} bytes, "
                     f"expected {count} x {ctype.fixed_size}"
                 )
-            self.columns.append(_Column(ctype, offsets, data_pos, data_bytes))
+            return _Column(ctype, None, data_pos, data_bytes)
+        if offsets_pos == 0 or offsets_pos + 8 * (count + 1) > size:
+            raise ShardError(
+                f"shard {self.name}: column {column!r} offsets table is missing or overruns "
+                "the shard"
+            )
+        offsets = np.frombuffer(self.buf, dtype="<u8", count=count + 1, offset=offsets_pos)
+        if offsets[0] != 0 or offsets[-1] != data_bytes or np.any(offsets[1:] < offsets[:-1]):
+            raise ShardError(
+                f"shard {self.name}: column {column!r} offsets are corrupt (they must rise "
+                f"from 0 to its {data_bytes} data bytes)"
+            )
+        return _Column(ctype, offsets, data_pos, data_bytes)
+
+    def _bad_value(self, col: int, where: str, err: Exception) -> ShardError:
+        return ShardError(
+            f"shard {self.name}: column {self.names[col]!r} {where} does not decode: {err}"
+        )
 
     def value(self, col: int, j: int) -> Any:
         """Decode column ``col`` of sample ``j`` (0-based within this shard)."""
@@ -206,7 +289,10 @@ class ShardView:
             start = c.data_pos + j * size
             return decode(self.buf[start : start + size], c.ctype)
         start, end = c.offsets[j : j + 2].tolist()
-        return decode(self.buf[c.data_pos + start : c.data_pos + end], c.ctype)
+        try:
+            return decode(self.buf[c.data_pos + start : c.data_pos + end], c.ctype)
+        except (ValueError, OverflowError, RecursionError) as err:
+            raise self._bad_value(col, f"sample {j}", err) from None
 
     def values(self, col: int, rows: np.ndarray) -> list:
         """Decode column ``col`` of several samples of a variable-size column at once."""
@@ -214,9 +300,12 @@ class ShardView:
         starts = (c.offsets[rows] + c.data_pos).tolist()
         ends = (c.offsets[rows + 1] + c.data_pos).tolist()
         buf = self.buf
-        if c.ctype.kind == "str":
-            return [str(buf[a:b], "utf-8") for a, b in zip(starts, ends)]
-        return [decode(buf[a:b], c.ctype) for a, b in zip(starts, ends)]
+        try:
+            if c.ctype.kind == "str":
+                return [str(buf[a:b], "utf-8") for a, b in zip(starts, ends)]
+            return [decode(buf[a:b], c.ctype) for a, b in zip(starts, ends)]
+        except (ValueError, OverflowError, RecursionError) as err:
+            raise self._bad_value(col, "in a batch", err) from None
 
     def encoded(self, j: int) -> list[bytes]:
         """The stored bytes of every column of sample ``j``, as ``build_shard`` takes them."""

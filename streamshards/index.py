@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,16 @@ from streamshards.columns import ColumnType, parse_column_type
 INDEX_NAME = "index.json"
 FORMAT_NAME = "streamshards"
 FORMAT_VERSION = 1
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: Sample counts and their sum must fit a signed 64-bit integer (numpy's int64 sample ids).
+MAX_SAMPLES = 2**63 - 1
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 class IndexFormatError(ValueError):
@@ -102,9 +112,30 @@ class Index:
         }
 
 
+class NotRegularFileError(OSError):
+    """A path that must be a regular file is a directory, FIFO, device or socket."""
+
+
+def open_regular(path: str | os.PathLike) -> tuple[int, int]:
+    """Open a regular file for reading and return (descriptor, size); refuse anything else.
+
+    The type is checked before opening and again on the open descriptor, which is opened
+    non-blocking, so a FIFO or device (or a symlink to one) never blocks or streams forever.
+    """
+    kind = _KINDS.get(stat.S_IFMT(os.stat(path).st_mode))
+    if kind is None:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        info = os.fstat(fd)
+        kind = _KINDS.get(stat.S_IFMT(info.st_mode))
+        if kind is None and stat.S_ISREG(info.st_mode):
+            return fd, info.st_size
+        os.close(fd)
+    raise NotRegularFileError(f"{path} is {kind or 'not a regular file'}, not a regular file")
+
+
 def check_shard_name(name: Any, where: str) -> str:
     """Accept only a plain file name inside the dataset folder (F7)."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
         raise IndexFormatError(
             f"{where}: shard file {name!r} is not a plain file name inside the dataset folder "
             "(paths, '..', absolute paths and URLs are refused)"
@@ -120,7 +151,52 @@ def _field(obj: dict, key: str, kind: type | tuple, where: str):
         raise IndexFormatError(f"{where}: field {key!r} has type {type(value).__name__}")
     if kind is int and value < 0:
         raise IndexFormatError(f"{where}: field {key!r} is negative ({value})")
+    if kind is int and value > MAX_SAMPLES:
+        raise IndexFormatError(f"{where}: field {key!r} is {value}, more than 2**63 - 1")
     return value
+
+
+def min_raw_bytes(types: list[ColumnType], samples: int) -> int:
+    """The smallest raw shard that can hold ``samples`` samples of these column types."""
+    size = 24 + 24 * len(types)
+    for ctype in types:
+        per_sample = ctype.fixed_size
+        size += 8 * (samples + 1) if per_sample is None else per_sample * samples
+    return size
+
+
+def _shard_info(entry: Any, where: str, types: list[ColumnType]) -> ShardInfo:
+    """One validated shard entry; the sizes must be possible for its sample count."""
+    if not isinstance(entry, dict):
+        raise IndexFormatError(f"{where}: not an object")
+    name = check_shard_name(_field(entry, "file", str, where), where)
+    hashes = _field(entry, "hash", dict, where)
+    digest = hashes.get("xxh3_64")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{16}", digest):
+        raise IndexFormatError(f"{where}: field 'hash.xxh3_64' must be 16 hex digits")
+    compression = entry.get("compression")
+    if compression not in (None, "zstd"):
+        raise IndexFormatError(f"{where}: unknown compression {compression!r}")
+    info = ShardInfo(
+        name,
+        _field(entry, "samples", int, where),
+        _field(entry, "raw_bytes", int, where),
+        _field(entry, "stored_bytes", int, where),
+        digest,
+        compression,
+    )
+    if compression is None and info.raw_bytes != info.stored_bytes:
+        raise IndexFormatError(
+            f"{where}: field 'raw_bytes' is {info.raw_bytes} but 'stored_bytes' is "
+            f"{info.stored_bytes}; they must be equal without compression"
+        )
+    least = min_raw_bytes(types, info.samples)
+    if info.raw_bytes < least:
+        raise IndexFormatError(
+            f"{where}: field 'samples' is {info.samples}, which needs at least {least} raw "
+            f"bytes, but field 'raw_bytes' is {info.raw_bytes}"
+        )
+    return info
 
 
 def parse_index(obj: Any, source: str) -> Index:
@@ -139,40 +215,30 @@ def parse_index(obj: Any, source: str) -> Index:
     columns = _field(obj, "columns", dict, source)
     if not columns:
         raise IndexFormatError(f"{source}: 'columns' is empty")
-    for name, spec in columns.items():
-        try:
-            parse_column_type(spec, name)
-        except ValueError as err:
-            raise IndexFormatError(f"{source}: {err}") from None
+    try:
+        types = [parse_column_type(spec, name) for name, spec in columns.items()]
+    except ValueError as err:
+        raise IndexFormatError(f"{source}: {err}") from None
     shards = []
     seen = set()
+    total = 0
     for k, entry in enumerate(_field(obj, "shards", list, source)):
         where = f"{source}: shards[{k}]"
-        if not isinstance(entry, dict):
-            raise IndexFormatError(f"{where}: not an object")
-        name = check_shard_name(_field(entry, "file", str, where), where)
-        if name in seen or name == INDEX_NAME:
-            raise IndexFormatError(f"{where}: shard file {name!r} is listed twice or clashes")
-        seen.add(name)
-        hashes = _field(entry, "hash", dict, where)
-        digest = hashes.get("xxh3_64")
-        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{16}", digest):
-            raise IndexFormatError(f"{where}: field 'hash.xxh3_64' must be 16 hex digits")
-        compression = entry.get("compression")
-        if compression not in (None, "zstd"):
-            raise IndexFormatError(f"{where}: unknown compression {compression!r}")
-        shards.append(
-            ShardInfo(
-                name,
-                _field(entry, "samples", int, where),
-                _field(entry, "raw_bytes", int, where),
-                _field(entry, "stored_bytes", int, where),
-                digest,
-                compression,
-            )
+        info = _shard_info(entry, where, types)
+        if info.file in seen or info.file == INDEX_NAME:
+            raise IndexFormatError(f"{where}: shard file {info.file!r} is listed twice or clashes")
+        seen.add(info.file)
+        total += info.samples
+        if total > MAX_SAMPLES:
+            raise IndexFormatError(f"{where}: field 'samples' takes the total past 2**63 - 1")
+        shards.append(info)
+    provenance = obj.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise IndexFormatError(
+            f"{source}: field 'provenance' has type {type(provenance).__name__}, not object"
         )
-    index = Index(dict(columns), shards, obj.get("provenance") or {}, version)
-    if "num_samples" in obj and obj["num_samples"] != index.num_samples:
+    index = Index(dict(columns), shards, provenance, version)
+    if "num_samples" in obj and _field(obj, "num_samples", int, source) != index.num_samples:
         raise IndexFormatError(
             f"{source}: num_samples is {obj['num_samples']} but the shards hold {index.num_samples}"
         )
@@ -185,9 +251,13 @@ def load_index(path: str | os.PathLike) -> Index:
     if path.is_dir():
         path = path / INDEX_NAME
     try:
-        text = path.read_bytes()
+        fd, _ = open_regular(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"no dataset index at {path}") from None
+    except NotRegularFileError as err:
+        raise IndexFormatError(str(err)) from None
+    with open(fd, "rb") as f:
+        text = f.read()
     return parse_index_bytes(text, str(path))
 
 
@@ -197,6 +267,8 @@ def parse_index_bytes(text: bytes, source: str) -> Index:
         obj = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IndexFormatError(f"{source}: malformed JSON: {err}") from None
+    except RecursionError:
+        raise IndexFormatError(f"{source}: JSON is nested too deeply to read") from None
     return parse_index(obj, source)
 
 

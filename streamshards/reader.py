@@ -7,30 +7,33 @@ import os
 from pathlib import Path
 
 from streamshards.format import ShardError, ShardView, decompress, stored_hash
-from streamshards.index import Index, ShardInfo
+from streamshards.index import Index, NotRegularFileError, ShardInfo, open_regular
 
 
 def open_shard(path: Path, info: ShardInfo, index: Index) -> ShardView:
     """Verify a local shard file against its index entry and return a view of its samples.
 
-    Uncompressed shards are memory-mapped (zero-copy); zstd shards are decompressed into
-    memory, never beyond the raw size the index promises.
+    Only a regular file of exactly the indexed size is read (never a FIFO, device or
+    directory). Uncompressed shards are memory-mapped (zero-copy); zstd shards are
+    decompressed into memory, never beyond the raw size the index promises.
     """
     try:
-        size = os.path.getsize(path)
+        fd, size = open_regular(path)
     except FileNotFoundError:
         raise ShardError(f"shard {info.file}: file {path} is missing") from None
-    if size != info.stored_bytes:
-        raise ShardError(
-            f"shard {info.file}: file is {size} bytes, index says {info.stored_bytes} "
-            f"(truncated?); hash: index says xxh3_64={info.hash}, "
-            f"file has {stored_hash(Path(path).read_bytes())}"
-        )
-    if size == 0:
-        data: bytes | mmap.mmap = b""
-    else:
-        with open(path, "rb") as f:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except NotRegularFileError as err:
+        raise ShardError(f"shard {info.file}: {err}") from None
+    except OSError as err:
+        raise ShardError(f"shard {info.file}: cannot open {path}: {err.strerror}") from None
+    try:
+        if size != info.stored_bytes:
+            raise ShardError(
+                f"shard {info.file}: file is {size} bytes, index field stored_bytes says "
+                f"{info.stored_bytes} (truncated or replaced?)"
+            )
+        data = b"" if size == 0 else mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
     actual = stored_hash(data)
     if actual != info.hash:
         raise ShardError(
@@ -38,5 +41,7 @@ def open_shard(path: Path, info: ShardInfo, index: Index) -> ShardView:
         )
     raw = data if info.compression is None else decompress(data, info.raw_bytes, info.file)
     if info.compression is None and len(raw) != info.raw_bytes:
-        raise ShardError(f"shard {info.file}: {len(raw)} raw bytes, index says {info.raw_bytes}")
+        raise ShardError(
+            f"shard {info.file}: {len(raw)} raw bytes, index field raw_bytes says {info.raw_bytes}"
+        )
     return ShardView(raw, list(index.columns), index.column_types, info.samples, info.file)
