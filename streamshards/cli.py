@@ -65,7 +65,7 @@ def inspect(dataset: str, as_json: bool) -> None:
     """
     try:
         index = _open_index(dataset).index
-    except (IndexFormatError, FileNotFoundError) as err:
+    except (IndexFormatError, OSError) as err:
         raise click.ClickException(str(err)) from None
     ratio = index.raw_bytes / index.stored_bytes if index.stored_bytes else 1.0
     summary = {
@@ -110,7 +110,7 @@ def verify(dataset: str) -> None:
         return
     try:
         source = _open_index(dataset)
-    except (IndexFormatError, FileNotFoundError) as err:
+    except (IndexFormatError, OSError) as err:
         raise click.ClickException(str(err)) from None
     index = source.index
     bad = 0
@@ -119,7 +119,7 @@ def verify(dataset: str) -> None:
             view = open_shard(source.path(k), info, index)
             for j in range(view.num_samples):
                 view.sample(j)
-        except (ShardError, ValueError, OSError) as err:
+        except (ShardError, ValueError, OSError, OverflowError, RecursionError) as err:
             bad += 1
             click.echo(f"BAD {info.file}: {err}")
     click.echo(
