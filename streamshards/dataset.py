@@ -35,7 +35,6 @@ from streamshards.order import (
     rank_batches,
     stream_spans,
 )
-from streamshards.reader import open_shard
 from streamshards.source import ShardSource, open_source
 
 STATE_VERSION = 1
@@ -238,7 +237,7 @@ class StreamingDataset(IterableDataset):
             return view
         source = self.sources[stream]
         info = source.index.shards[shard]
-        view = open_shard(source.path(shard), info, source.index)
+        view = source.open_view(shard)
         self._views[key] = view
         self._view_bytes += info.raw_bytes if info.compression else 0
         if source.max_open is not None:
@@ -524,5 +523,5 @@ def _same(saved: dict[str, Any], mine: dict[str, Any], key: str) -> bool:
 
 def _source_options(stream: Stream, cache_limit: int | str | None, prefetch: int) -> dict[str, Any]:
     if stream.remote is None or stream.remote.startswith("file://") and stream.local is None:
-        return {}
+        return dict(stream.options)
     return {"cache_limit": cache_limit, "prefetch": prefetch, **stream.options}

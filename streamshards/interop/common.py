@@ -1,0 +1,275 @@
+"""What the MDS and LitData readers share: safe paths, hash checks, bounded decompression and
+a view over rows of per-column byte ranges with the interface of a native ``ShardView``."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import mmap
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+import zstandard
+
+from streamshards.format import ShardError
+from streamshards.index import IndexFormatError
+
+_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+# Checked in this order: the first one an index records is the one verified (fastest first).
+HASHES: dict[str, Callable[[Any], str]] = {
+    "xxh3_64": lambda data: xxhash.xxh3_64_hexdigest(data),
+    "xxh64": lambda data: xxhash.xxh64_hexdigest(data),
+    "md5": lambda data: hashlib.md5(data).hexdigest(),
+    "sha1": lambda data: hashlib.sha1(data).hexdigest(),
+}
+
+
+def safe_relpath(name: Any, where: str) -> str:
+    """Accept a relative path inside the dataset folder (``0/shard.00000.mds``), refusing
+    ``..``, absolute paths, backslashes and URLs."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or not all(_PART.match(p) and p not in (".", "..") for p in parts):
+        raise IndexFormatError(
+            f"{where}: shard file {name!r} is not a relative path inside the dataset folder "
+            "('..', absolute paths, backslashes and URLs are refused)"
+        )
+    return name
+
+
+def field(obj: dict, key: str, kind: type | tuple, where: str, optional: bool = False) -> Any:
+    """``obj[key]`` checked for type (and non-negative when an int); errors name the field."""
+    if key not in obj or (optional and obj[key] is None):
+        if optional:
+            return None
+        raise IndexFormatError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise IndexFormatError(f"{where}: field {key!r} has type {type(value).__name__}")
+    if isinstance(value, int) and value < 0:
+        raise IndexFormatError(f"{where}: field {key!r} is negative ({value})")
+    return value
+
+
+def fingerprint_hash(hashes: dict, size: int) -> str:
+    """The string the dataset fingerprints a foreign shard by: its first known hash, else size."""
+    for algo in HASHES:
+        if isinstance(hashes.get(algo), str):
+            return f"{algo}:{hashes[algo]}"
+    return f"size:{size}"
+
+
+def map_file(path: Path, name: str, size: int | None) -> bytes | mmap.mmap:
+    """Memory-map a shard file read-only after checking that it has the size the index says."""
+    try:
+        actual = os.path.getsize(path)
+    except FileNotFoundError:
+        raise ShardError(f"shard {name}: file {path} is missing") from None
+    if size is not None and actual != size:
+        raise ShardError(f"shard {name}: file is {actual} bytes, index says {size} (truncated?)")
+    if actual == 0:
+        return b""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def check_hash(data: Any, hashes: dict, name: str) -> None:
+    """Verify the fastest hash the foreign index records for these bytes (none: nothing to do)."""
+    for algo, digest in HASHES.items():
+        expected = hashes.get(algo)
+        if isinstance(expected, str):
+            actual = digest(data)
+            if actual != expected.lower():
+                raise ShardError(
+                    f"shard {name}: hash mismatch: index says {algo}={expected}, file has {actual}"
+                )
+            return
+
+
+def decompress(data: Any, codec: str, raw_bytes: int | None, name: str) -> bytes:
+    """Decompress a whole foreign shard, never past the raw size its index promises."""
+    limit = raw_bytes if raw_bytes is not None else 1 << 40
+    try:
+        if codec == "zstd":
+            reader = zstandard.ZstdDecompressor().stream_reader(memoryview(data))
+            raw = reader.read(limit + 1)
+        elif codec == "gz":
+            import zlib
+
+            raw = zlib.decompressobj(wbits=31).decompress(bytes(data), limit + 1)
+        elif codec == "bz2":
+            import bz2
+
+            raw = bz2.BZ2Decompressor().decompress(bytes(data), max_length=limit + 1)
+        else:
+            raise ShardError(f"shard {name}: compression {codec!r} is not supported")
+    except (zstandard.ZstdError, OSError, EOFError, ValueError) as err:
+        if isinstance(err, ShardError):
+            raise
+        raise ShardError(f"shard {name}: {codec} decompression failed: {err}") from None
+    if raw_bytes is not None and len(raw) != raw_bytes:
+        raise ShardError(
+            f"shard {name}: decompressed to {len(raw)}{'+' if len(raw) > limit else ''} bytes, "
+            f"index says {raw_bytes}"
+        )
+    return raw
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How one foreign column's bytes become a value.
+
+    ``raw``: (dtype, shape) when each value is exactly those raw bytes, read as one array;
+    ``size``: bytes per value when fixed; ``native``: the column type the index lists.
+    """
+
+    native: str
+    decode: Callable[[memoryview], Any]
+    size: int | None = None
+    raw: tuple[np.dtype, tuple[int, ...]] | None = None
+
+
+def item_table(
+    buf: Any, offsets: np.ndarray, codecs: list[Codec], headed: list[int], name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, sizes), each (rows, columns), of rows whose bytes begin with a u32 size per
+    column in ``headed`` and then hold the columns back to back; checked against ``offsets``."""
+    rows = len(offsets) - 1
+    fixed = np.array([c.size or 0 for c in codecs], dtype=np.int64)
+    sizes = np.broadcast_to(fixed, (rows, len(codecs))).copy()
+    begin = offsets[:-1].astype(np.int64)
+    lengths = np.diff(offsets.astype(np.int64))
+    head = 4 * len(headed)
+    if rows and np.any(lengths < head):
+        j = int(np.argmax(lengths < head))
+        raise ShardError(f"shard {name}: sample {j} is {lengths[j]} bytes, shorter than its header")
+    if headed and rows:
+        words = np.frombuffer(buf, dtype=np.uint8)
+        at = begin[:, None] + 4 * np.arange(len(headed))[None, :]
+        raw = words[at[..., None] + np.arange(4)].copy().view("<u4")[..., 0]
+        sizes[:, headed] = raw
+    starts = begin[:, None] + head + np.cumsum(sizes, axis=1) - sizes
+    bad = sizes.sum(axis=1) + head != lengths
+    if np.any(bad):
+        j = int(np.argmax(bad))
+        raise ShardError(
+            f"shard {name}: sample {j}'s column sizes add up to {int(sizes[j].sum()) + head} "
+            f"bytes, its offsets give {int(lengths[j])}"
+        )
+    for k, codec in enumerate(codecs):
+        if codec.size is not None and k in headed and rows and np.any(sizes[:, k] != codec.size):
+            raise ShardError(f"shard {name}: column {k} has a size other than {codec.size}")
+    return starts, sizes
+
+
+def read_offsets(buf: Any, count: int, name: str, end: int | None = None) -> np.ndarray:
+    """The u32 sample count and ``count + 1`` u32 offsets a chunk or shard starts with."""
+    size = len(buf)
+    if size < 4 or size < 4 * (count + 2):
+        raise ShardError(f"shard {name}: {size} bytes cannot hold a header of {count} samples")
+    (stored,) = np.frombuffer(buf, dtype="<u4", count=1)
+    if int(stored) != count:
+        raise ShardError(f"shard {name}: header says {int(stored)} samples, index says {count}")
+    offsets = np.frombuffer(buf, dtype="<u4", count=count + 1, offset=4).astype(np.int64)
+    limit = size if end is None else end
+    if offsets[0] < 4 * (count + 2) or np.any(np.diff(offsets) < 0):
+        raise ShardError(f"shard {name}: sample offsets are not increasing from the header's end")
+    if offsets[-1] > limit:
+        raise ShardError(
+            f"shard {name}: sample offsets reach byte {int(offsets[-1])}, past the file's "
+            f"{limit} bytes"
+        )
+    return offsets
+
+
+class RowView:
+    """Random access to rows stored as per-column byte ranges, with the interface the dataset
+    uses on a native ``ShardView`` (``sample``, ``values``, ``fixed_array``)."""
+
+    def __init__(
+        self,
+        buf: Any,
+        starts: np.ndarray,
+        sizes: np.ndarray,
+        names: list[str],
+        codecs: list[Codec],
+        native_arrays: list[tuple[np.dtype, tuple[int, ...]] | None],
+        name: str,
+    ):
+        self.buf = buf
+        self.mv = memoryview(buf)
+        self.starts = starts
+        self.sizes = sizes
+        self.names = names
+        self.codecs = codecs
+        self.native_arrays = native_arrays
+        self.name = name
+        self.num_samples = len(starts)
+        self._arrays: dict[int, np.ndarray] = {}
+
+    def values(self, col: int, rows: np.ndarray) -> list:
+        """Decode column ``col`` of several samples."""
+        decode = self.codecs[col].decode
+        mv = self.mv
+        starts = self.starts[rows, col].tolist()
+        ends = (self.starts[rows, col] + self.sizes[rows, col]).tolist()
+        try:
+            return [decode(mv[a:b]) for a, b in zip(starts, ends)]
+        except (ValueError, KeyError, UnicodeDecodeError) as err:
+            raise ShardError(f"shard {self.name}: column {self.names[col]!r}: {err}") from None
+
+    def value(self, col: int, j: int) -> Any:
+        """Decode column ``col`` of sample ``j``."""
+        return self.values(col, np.array([j]))[0]
+
+    def sample(self, j: int) -> dict:
+        """Decode every column of sample ``j``."""
+        if not 0 <= j < self.num_samples:
+            raise IndexError(
+                f"shard {self.name}: sample {j} out of range 0..{self.num_samples - 1}"
+            )
+        return {name: self.value(k, j) for k, name in enumerate(self.names)}
+
+    def fixed_array(self, col: int) -> np.ndarray:
+        """A fixed-size column as one (num_samples, *shape) array: a strided view of the file
+        when rows are evenly spaced and the dtype is already the listed one, else a copy."""
+        array = self._arrays.get(col)
+        if array is not None:
+            return array
+        dtype, shape = self.native_arrays[col]
+        raw = self.codecs[col].raw
+        if raw is None:
+            values = self.values(col, np.arange(self.num_samples))
+            array = np.array(values, dtype=dtype).reshape((self.num_samples, *shape))
+        else:
+            array = self._raw_array(col, *raw)
+            if raw[0] != dtype:
+                too_big = raw[0].kind == "u" and dtype.kind == "i" and len(array)
+                if too_big and array.max() > np.iinfo(dtype).max:
+                    raise ShardError(
+                        f"shard {self.name}: column {self.names[col]!r} holds a {raw[0]} "
+                        f"above the range of {dtype}"
+                    )
+                array = array.astype(dtype)
+        self._arrays[col] = array
+        return array
+
+    def _raw_array(self, col: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """The stored values of a fixed-size column: a strided view when rows are evenly
+        spaced (always so when every column is fixed-size), else gathered into a copy."""
+        n = self.num_samples
+        size = self.codecs[col].size
+        starts = self.starts[:, col]
+        step = int(starts[1] - starts[0]) if n > 1 else size
+        if n and np.all(np.diff(starts) == step) and step >= size:
+            inner = [dtype.itemsize * math.prod(shape[k + 1 :]) for k in range(len(shape))]
+            return np.ndarray((n, *shape), dtype, self.buf, int(starts[0]), (step, *inner))
+        at = starts[:, None] + np.arange(size)[None, :]
+        data = np.frombuffer(self.buf, dtype=np.uint8)[at] if n else np.zeros((0, size), np.uint8)
+        return data.view(dtype).reshape((n, *shape))

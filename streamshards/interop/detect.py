@@ -1,0 +1,37 @@
+"""Which kind of dataset an index.json describes: native, MosaicML MDS or LitData."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from streamshards.index import FORMAT_NAME
+from streamshards.interop.litdata import LitDataFormat, is_litdata
+from streamshards.interop.mds import MDSFormat, is_mds
+
+ForeignFormat = MDSFormat | LitDataFormat
+
+
+def index_kind(obj: Any) -> str:
+    """``"native"``, ``"mds"`` or ``"litdata"`` for a decoded index.json object."""
+    if isinstance(obj, dict) and obj.get("format") == FORMAT_NAME:
+        return "native"
+    if is_mds(obj):
+        return "mds"
+    if is_litdata(obj):
+        return "litdata"
+    return "native"  # let the native parser name what is wrong with it
+
+
+def load_foreign(text: bytes, source: str, options: dict[str, Any]) -> ForeignFormat | None:
+    """The parsed MDS or LitData index in ``text``, or None when it is (or claims to be) native."""
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    kind = index_kind(obj)
+    if kind == "mds":
+        return MDSFormat(obj, source, options)
+    if kind == "litdata":
+        return LitDataFormat(obj, source, options)
+    return None
