@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Mapping
@@ -33,6 +34,45 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
+
+
+class OutputError(OSError):
+    """The output folder cannot be written (a file, read-only, full disk); one line, naming it."""
+
+    def __init__(self, code: int | None, message: str):
+        super().__init__(message)
+        self.errno = code
+
+
+def output_error(out: str | os.PathLike, err: OSError) -> OutputError:
+    """A one-line error for a failure writing into ``out``, saying what the user can do."""
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        message = (
+            f"{out}: no space left on the device{where}; free some space and run the same "
+            "command again"
+        )
+    elif err.errno == errno.EROFS:
+        message = f"{out} is on a read-only file system{where}"
+    elif err.errno in (errno.EACCES, errno.EPERM):
+        message = f"{out}: permission denied{where}"
+    elif err.errno in (errno.ENOTDIR, errno.EEXIST):
+        message = f"{out}: a path on the way is a file, not a folder{where}"
+    else:
+        message = f"{out}: cannot write{where}: {err.strerror or err}"
+    return OutputError(err.errno, message)
+
+
+def prepare_output(out: Path) -> None:
+    """Create the output folder if needed; OutputError if it is a file or not writable."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(errno.ENOTDIR, f"{out} is a file, not a folder; choose a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise output_error(out, err) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(errno.EACCES, f"{out}: the folder is not writable")
 
 
 def parse_size(size: int | str | None) -> int | None:
@@ -88,13 +128,16 @@ class ShardWriter:
             raise ValueError(f"size_limit must be positive, got {size_limit!r}")
         self.provenance = dict(provenance or {})
         self.shard_prefix = shard_prefix
-        self.out.mkdir(parents=True, exist_ok=True)
+        prepare_output(self.out)
         index_path = self.out / INDEX_NAME
         if index_path.exists():
             if not overwrite:
                 raise FileExistsError(f"{index_path} exists; pass overwrite=True to replace it")
-            index_path.unlink()
-            fsync_folder(self.out)
+            try:
+                index_path.unlink()
+                fsync_folder(self.out)
+            except OSError as err:
+                raise output_error(self.out, err) from None
         self.shards: list[ShardInfo] = []
         self._buffers: list[list[bytes]] = [[] for _ in self.types]
         self._count = 0
@@ -134,9 +177,13 @@ class ShardWriter:
         suffix = ".ssd.zst" if self.level is not None else ".ssd"
         name = f"{self.shard_prefix}.{len(self.shards):06d}{suffix}"
         tmp = self.out / f".{name}.tmp"
-        raw_bytes, stored_bytes, digest = write_shard(tmp, chunks, self.level)
-        os.replace(tmp, self.out / name)
-        fsync_folder(self.out)
+        try:
+            raw_bytes, stored_bytes, digest = write_shard(tmp, chunks, self.level)
+            os.replace(tmp, self.out / name)
+            fsync_folder(self.out)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)  # a full disk keeps no partial shard
+            raise output_error(self.out, err) from None
         compression = "zstd" if self.level is not None else None
         self.shards.append(
             ShardInfo(name, self._count, raw_bytes, stored_bytes, digest, compression)
@@ -157,7 +204,10 @@ class ShardWriter:
             return self.index()
         self.flush()
         index = self.index()
-        write_index(self.out, index)
+        try:
+            write_index(self.out, index)
+        except OSError as err:
+            raise output_error(self.out, err) from None
         self._closed = True
         return index
 

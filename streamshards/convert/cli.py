@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from streamshards.convert.errors import ConvertError
+from streamshards.convert.lock import OutputLock
 from streamshards.convert.options import ConvertOptions, ConvertResult, Progress
 from streamshards.convert.remote import RemoteOutput
 from streamshards.convert.run import convert as run_convert
@@ -127,11 +128,14 @@ def convert(inputs: tuple[str, ...], out: str, keep_fields: str, quiet: bool, **
     bar = _ProgressBar(not quiet)
     try:
         remote = RemoteOutput(out)
-        result = run_convert(
-            ConvertOptions(inputs=inputs, out=remote.local, keep_fields=fields, **options), bar
-        )
-        bar.close()
-        remote.publish(progress=not quiet)
+        # One lock over converting and uploading: a second job waits for neither.
+        with OutputLock(remote.local):
+            result = run_convert(
+                ConvertOptions(inputs=inputs, out=remote.local, keep_fields=fields, **options),
+                bar,
+            )
+            bar.close()
+            remote.publish(progress=not quiet)
     except ConvertError as err:
         bar.close()
         raise click.ClickException(str(err)) from None

@@ -25,6 +25,9 @@ MALFORMED_JSON = "malformed_json"
 INVALID_UTF8 = "invalid_utf8"
 MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
+LONE_SURROGATE = "lone_surrogate"
+NOT_FINITE = "nan_or_infinity"
+TOO_DEEP = "nested_too_deep"
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,9 @@ class DocumentReader:
             except json.JSONDecodeError as err:
                 self._bad(docs, MALFORMED_JSON, f"{path}:{number}: malformed JSON: {err}")
                 continue
+            except RecursionError:
+                self._bad(docs, TOO_DEEP, f"{path}:{number}: JSON nested too deep to read")
+                continue
             if not isinstance(record, dict):
                 self._bad(
                     docs,
@@ -147,6 +153,14 @@ class DocumentReader:
                     f"{type(text).__name__}, expected a string",
                 )
                 continue
+            if not _encodable(text):
+                self._bad(
+                    docs,
+                    LONE_SURROGATE,
+                    f"{path}:{number}: field {rules.text_field!r} holds a lone surrogate "
+                    "(e.g. \\ud800), which is not Unicode text",
+                )
+                continue
             extras = self._extras(docs, record, path, number)
             if extras is None:
                 continue
@@ -173,6 +187,12 @@ class DocumentReader:
                     f"(keep it as JSON with --keep-fields {name}:json)",
                 )
                 return None
+            problem = _unstorable(value) if ctype == "json" else None
+            if ctype == "str" and not _encodable(value):
+                problem = LONE_SURROGATE, "holds a lone surrogate (e.g. \\ud800)"
+            if problem:
+                self._bad(docs, problem[0], f"{path}:{number}: kept field {name!r} {problem[1]}")
+                return None
             values.append(value)
         return tuple(values)
 
@@ -187,3 +207,25 @@ class DocumentReader:
         if self.keep is not None and not self.keep(record):
             return "filter"
         return None
+
+
+def _encodable(text: str) -> bool:
+    """True unless ``text`` holds a lone surrogate, which UTF-8 cannot store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unstorable(value: Any) -> tuple[str, str] | None:
+    """(kind, why) if a kept json value cannot be stored as strict JSON text, else None."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except ValueError as err:
+        if isinstance(err, UnicodeEncodeError):
+            return LONE_SURROGATE, "holds a lone surrogate (e.g. \\ud800)"
+        return NOT_FINITE, "holds NaN or Infinity, which JSON cannot store"
+    except RecursionError:
+        return TOO_DEEP, "is nested too deep to store"
+    return None

@@ -10,6 +10,7 @@ arguments reuses every finished unit and rewrites the same shards. The index com
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -28,6 +29,7 @@ from streamshards import __version__
 from streamshards.convert.documents import DocumentRules, load_filter
 from streamshards.convert.errors import ConvertError
 from streamshards.convert.inputs import FileReport, InputFile, find_inputs, read_units
+from streamshards.convert.lock import LOCK_NAME, OutputLock
 from streamshards.convert.options import (
     ConvertOptions,
     ConvertResult,
@@ -39,7 +41,13 @@ from streamshards.convert.spill import WorkFolder, read_spill
 from streamshards.convert.tokenize import TokenizerInfo, describe_tokenizer
 from streamshards.convert.worker import WorkerSetup, init_worker, process_unit, release_worker
 from streamshards.index import INDEX_NAME, IndexFormatError, load_index
-from streamshards.writer import ShardWriter, parse_compression, parse_size
+from streamshards.writer import (
+    OutputError,
+    ShardWriter,
+    output_error,
+    parse_compression,
+    parse_size,
+)
 
 DEDUP_RULE = "exact: xxh3-128 of the text lowercased, whitespace runs collapsed; first kept"
 _SHARD_FILE = re.compile(r"^\.?shard\.\d{6}\.ssd(\.zst)?(\.tmp)?$")
@@ -118,7 +126,29 @@ class ConvertJob:
         return {"text": "str", **dict(self.keep_fields)}
 
     def run(self) -> ConvertResult:
-        """Convert (or finish converting) everything; raises ConvertError on bad input."""
+        """Convert (or finish converting) everything; raises ConvertError on bad input.
+
+        Holds OUT's lock throughout, so a second job into the same OUT is refused at once.
+        """
+        with OutputLock(self.out):
+            try:
+                return self._run()
+            except OutputError as err:
+                raise ConvertError(f"OUT {err}") from None
+            except OSError as err:
+                raise self._os_error(err) from None
+
+    def _os_error(self, err: OSError) -> ConvertError:
+        """A one-line error for a file-system failure, naming OUT when it is OUT's fault."""
+        inside = err.filename and os.path.abspath(err.filename).startswith(
+            os.path.abspath(self.out) + os.sep
+        )
+        if inside or err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return ConvertError(f"OUT {output_error(self.out, err)}")
+        where = f"{err.filename}: " if err.filename else ""
+        return ConvertError(f"{where}{err.strerror or err}")
+
+    def _run(self) -> ConvertResult:
         start = time.perf_counter()
         if self._already_done():
             return self.result
@@ -170,7 +200,7 @@ class ConvertJob:
 
     def _executor(self):
         workers = self.options.workers or os.cpu_count() or 1
-        setup = WorkerSetup(self.rules, self.tokenizer)
+        setup = WorkerSetup(self.rules, self.tokenizer, os.getpid())
         if workers == 1:
             return _InlineExecutor(setup)
         # fork starts workers at once with the package already imported; elsewhere, spawn.
@@ -330,7 +360,10 @@ class ConvertJob:
         for entry in os.scandir(self.out):
             if _SHARD_FILE.match(entry.name) and entry.name not in keep:
                 os.unlink(entry.path)
-        if not keep and not any(self.out.iterdir()):
+        if not keep and all(p.name == LOCK_NAME for p in self.out.iterdir()):
+            # Nothing was written: leave no folder behind. The lock file goes first, while
+            # still held, so no other job can lock it in between.
+            (self.out / LOCK_NAME).unlink(missing_ok=True)
             self.out.rmdir()
 
 

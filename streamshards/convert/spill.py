@@ -62,11 +62,15 @@ def write_spill(path: Path, stats: dict, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     payload = {"stats": np.frombuffer(json.dumps(stats).encode("utf-8"), dtype=np.uint8)}
     payload.update(arrays)
-    with open(tmp, "wb") as f:
-        np.savez(f, **payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no partial spill file
+        raise
 
 
 def read_spill(path: Path) -> tuple[dict, dict[str, np.ndarray]]:

@@ -6,6 +6,12 @@ handles units in any order; a unit's result depends on that unit alone.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +22,8 @@ from streamshards.convert.documents import DocumentReader, DocumentRules
 from streamshards.convert.spill import write_spill
 from streamshards.convert.tokenize import Encoder, TokenizerInfo
 
+_PR_SET_PDEATHSIG = 1
+
 
 @dataclass(frozen=True)
 class WorkerSetup:
@@ -23,6 +31,7 @@ class WorkerSetup:
 
     rules: DocumentRules
     tokenizer: TokenizerInfo | None
+    parent_pid: int = 0
 
 
 class UnitProcessor:
@@ -75,9 +84,32 @@ _processor: UnitProcessor | None = None
 
 
 def init_worker(setup: WorkerSetup) -> None:
-    """Process-pool initializer: build this process's UnitProcessor once."""
+    """Process-pool initializer: tie this process's life to the job's, then build its processor."""
     global _processor
+    if setup.parent_pid and setup.parent_pid != os.getpid():
+        die_with_parent(setup.parent_pid)
     _processor = UnitProcessor(setup)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` dies, even by SIGKILL, so no worker is orphaned.
+
+    On Linux the kernel sends SIGKILL at the parent's death (PR_SET_PDEATHSIG); elsewhere a
+    daemon thread watches the parent pid. Either way a parent that died first is caught here.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            return
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def release_worker() -> None:
