@@ -226,8 +226,10 @@ class ShardView:
         self.name = name
         self.num_samples = num_samples
         self.names = names
-        if len(self.buf) < _HEAD.size:
-            raise ShardError(f"shard {name}: {len(self.buf)} bytes is shorter than the header")
+        if len(self.buf) < _HEAD.size + _COL.size * len(types):
+            raise ShardError(
+                f"shard {name}: {len(self.buf)} bytes is shorter than the header and column table"
+            )
         magic, count, ncols, _ = _HEAD.unpack_from(self.buf, 0)
         if magic != MAGIC:
             raise ShardError(f"shard {name}: bad magic {magic!r}, expected {MAGIC!r}")

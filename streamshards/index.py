@@ -25,6 +25,9 @@ FORMAT_VERSION = 1
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 #: Sample counts and their sum must fit a signed 64-bit integer (numpy's int64 sample ids).
 MAX_SAMPLES = 2**63 - 1
+#: The most raw bytes per stored byte one zstd frame can yield: a block yields at most
+#: 128 KiB and takes at least 4 bytes (a 3-byte header and one RLE byte), RFC 8878 3.1.1.2.
+MAX_ZSTD_RATIO = 128 * 1024 // 4
 _KINDS = {
     stat.S_IFDIR: "a directory",
     stat.S_IFIFO: "a FIFO",
@@ -189,6 +192,11 @@ def _shard_info(entry: Any, where: str, types: list[ColumnType]) -> ShardInfo:
         raise IndexFormatError(
             f"{where}: field 'raw_bytes' is {info.raw_bytes} but 'stored_bytes' is "
             f"{info.stored_bytes}; they must be equal without compression"
+        )
+    if compression == "zstd" and info.raw_bytes > info.stored_bytes * MAX_ZSTD_RATIO:
+        raise IndexFormatError(
+            f"{where}: field 'raw_bytes' is {info.raw_bytes}, more than a zstd frame of "
+            f"{info.stored_bytes} stored bytes can hold"
         )
     least = min_raw_bytes(types, info.samples)
     if info.raw_bytes < least:

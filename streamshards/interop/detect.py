@@ -27,7 +27,7 @@ def load_foreign(text: bytes, source: str, options: dict[str, Any]) -> ForeignFo
     """The parsed MDS or LitData index in ``text``, or None when it is (or claims to be) native."""
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
     kind = index_kind(obj)
     if kind == "mds":
