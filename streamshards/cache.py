@@ -73,9 +73,14 @@ def download_verified(
             log.warning("%s (download %d of %d)", err, attempt, DOWNLOAD_TRIES)
 
 
-def _touch(path: Path) -> None:
-    """Advance the LRU clock (atime) of a cached shard; mtime stays, and with it the stamp."""
-    os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
+def _touch(path: Path) -> bool:
+    """Advance the LRU clock (atime) of a cached shard; mtime stays, and with it the stamp.
+    False if the file is gone (the cache folder was wiped)."""
+    try:
+        os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class RemoteSource(ShardSource):
@@ -224,9 +229,7 @@ class RemoteSource(ShardSource):
                 self._cond.notify_all()  # room to fetch one more ahead
         try:
             self._hold(shard)
-            if is_verified(target, info):
-                _touch(target)
-            else:
+            if not (is_verified(target, info) and _touch(target)):
                 self._fetch(info, required=True)
         except BaseException:
             self.release(shard)
@@ -354,25 +357,35 @@ class RemoteSource(ShardSource):
             if target.exists():
                 try:
                     verify_and_mark(target, info)
-                    _touch(target)
-                    return True
+                    if _touch(target):
+                        return True
                 except ShardError as err:
                     log.warning("cache %s: %s; fetching it again", self.local, err)
                     _unlink_quietly(target)
-            if self.cache_limit is not None:
-                with self._cache_lock():
-                    room = self._scan(evict_to=self.cache_limit - info.stored_bytes)
-                    if not room and not required:
-                        return False
-                    part.touch()  # visible to other processes' accounting from now on
             try:
-                with open(part, "w+b") as f:
-                    download_verified(self.storage, info, f)
-                    mark_verified(f.fileno(), info, os.fstat(f.fileno()))
-                os.replace(part, target)
-            except BaseException:
-                part.unlink(missing_ok=True)
-                raise
+                return self._download(info, part, target, required)
+            except FileNotFoundError:  # the cache folder was wiped under the download
+                log.warning("cache %s vanished; downloading %s again", self.local, info.file)
+                self.local.mkdir(parents=True, exist_ok=True)
+                return self._download(info, part, target, required)
+
+    def _download(self, info: ShardInfo, part: Path, target: Path, required: bool) -> bool:
+        """Under the shard's .get lock: reserve room, download into ``part``, verify, stamp and
+        rename it into place."""
+        if self.cache_limit is not None:
+            with self._cache_lock():
+                room = self._scan(evict_to=self.cache_limit - info.stored_bytes)
+                if not room and not required:
+                    return False
+                part.touch()  # visible to other processes' accounting from now on
+        try:
+            with open(part, "w+b") as f:
+                download_verified(self.storage, info, f)
+                mark_verified(f.fileno(), info, os.fstat(f.fileno()))
+            os.replace(part, target)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
         return True
 
     def _prefetch_loop(self) -> None:
