@@ -4,7 +4,7 @@ Layout of ``run_dir/checkpoints/``::
 
     step_00000200/            a complete checkpoint (renamed into place when finished)
         .metadata, *.distcp   model and optimizer shards (DCP; reshards to any world size)
-        trainer.json          step, loader state, microbatch size, guard state (rank 0)
+        trainer.json          world size and each stateful part by name (rank 0)
         rng/rank{R}.json      each rank's torch, CUDA, numpy and Python RNG states
         COMPLETE              written last, before the rename
     .tmp-step_00000300/       being written; ignored and removed by the next save
@@ -19,7 +19,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +31,14 @@ from streamshards.index import atomic_write, fsync_folder
 
 COMPLETE = "COMPLETE"
 _NAME = re.compile(r"step_(\d{8})")
+
+
+class Stateful(Protocol):
+    """A part of the training state saved in trainer.json: plain JSON values out and in."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 def checkpoint_name(step: int) -> str:
@@ -60,10 +68,13 @@ def save_checkpoint(
     step: int,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    trainer_state: dict[str, Any],
+    parts: dict[str, Stateful],
     keep_last: int,
 ) -> Path:
-    """Write a checkpoint from every rank (collective); rank 0 publishes it and prunes."""
+    """Write a checkpoint from every rank (collective); rank 0 publishes it and prunes.
+
+    trainer.json holds the world size and ``part.state_dict()`` under each part's name.
+    """
     root = Path(root)
     rank = dist.get_rank()
     final = root / checkpoint_name(step)
@@ -77,7 +88,8 @@ def save_checkpoint(
     atomic_write(tmp / "rng" / f"rank{rank}.json", json.dumps(rng_state()).encode())
     dist.barrier()
     if rank == 0:
-        state = {"step": step, "world_size": dist.get_world_size(), **trainer_state}
+        state = {"world_size": dist.get_world_size()}
+        state.update((name, part.state_dict()) for name, part in parts.items())
         atomic_write(tmp / "trainer.json", json.dumps(state, indent=1).encode())
         atomic_write(tmp / COMPLETE, b"")
         if final.exists():
@@ -91,13 +103,26 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    parts: dict[str, Stateful],
 ) -> dict[str, Any]:
-    """Load model and optimizer shards (any world size) and this rank's RNG states if saved.
+    """Load ``parts`` from trainer.json, then model and optimizer shards (any world size) and
+    this rank's RNG states if saved. Returns trainer.json's contents.
 
-    Returns trainer.json's contents.
+    A part that refuses its state (e.g. a loader state saved for other data) raises a
+    ValueError naming the checkpoint and the part, before the weights are read.
     """
     path = Path(path)
+    saved = json.loads((path / "trainer.json").read_text())
+    for name, part in parts.items():
+        if name not in saved:
+            raise ValueError(f"{path / 'trainer.json'} has no {name!r} state")
+        try:
+            part.load_state_dict(saved[name])
+        except ValueError as error:
+            raise ValueError(f"{path}: {name} state: {error}") from None
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
@@ -107,7 +132,7 @@ def load_checkpoint(
     rng_file = path / "rng" / f"rank{dist.get_rank()}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
-    return json.loads((path / "trainer.json").read_text())
+    return saved
 
 
 def rng_state() -> dict[str, Any]:

@@ -298,8 +298,10 @@ def leaves(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def validate(config: dict[str, Any]) -> None:
     """Reject, naming the key, any value outside its ``SCHEMA`` rule or a broken relation."""
-    for key, value in leaves(config).items():
-        rule = SCHEMA[key]
+    for key, rule in SCHEMA.items():
+        value = config
+        for part in key.split("."):
+            value = value[part]
         if not rule.accepts(value):
             raise ConfigError(f"{key} must be {rule.describe()}, got {value!r}")
     for holds, message in RELATIONS:

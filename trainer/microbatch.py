@@ -33,6 +33,14 @@ def smaller_microbatch(per_rank_batch: int, current: int) -> int | None:
     return None
 
 
+def fit_microbatch(saved: int, per_rank_batch: int) -> int:
+    """A saved microbatch size, lowered to a divisor of this world size's per-rank batch."""
+    size = min(saved, per_rank_batch)
+    while per_rank_batch % size:
+        size -= 1
+    return size
+
+
 class _CheckInBackward(torch.autograd.Function):
     """Identity whose backward runs an agreement check (placed before FSDP's backward hooks)."""
 
@@ -138,6 +146,15 @@ class MicrobatchSearch:
                     error=str(error).splitlines()[0][:200],
                 )
                 self.size = smaller
+
+    def state_dict(self) -> int:
+        """The microbatch size found (saved in checkpoints)."""
+        return self.size
+
+    def load_state_dict(self, size: int) -> None:
+        """Reuse a saved size in ``auto`` mode, fitted to this per-rank batch; a fixed size wins."""
+        if self.auto:
+            self.size = fit_microbatch(size, self.per_rank_batch)
 
     def _recover(self, zero_grad: Callable[[], None]) -> None:
         """Drop the failed step's partial gradients and FSDP's per-iteration state."""

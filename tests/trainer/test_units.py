@@ -14,10 +14,10 @@ from trainer.config import ConfigError, load_config
 from trainer.faults import parse_injection
 from trainer.guards import ROLLBACK, SKIP, STEP, SpikeGuard
 from trainer.metrics import MetricsLog, read_metrics
-from trainer.microbatch import smaller_microbatch
+from trainer.microbatch import fit_microbatch, smaller_microbatch
 from trainer.model import ModelConfig, Transformer, count_params, flops_per_token
 from trainer.plot import plot_run
-from trainer.pretrain import fit_microbatch, lr_at
+from trainer.pretrain import lr_at
 
 BUNDLED = ["tiny", "gpt-125m", "gpt-350m", "gpt-1b", "gpt-3b", "gpt-7b"]
 
