@@ -113,8 +113,9 @@ def _published_as(info: ShardInfo, listed: dict[str, ShardInfo]) -> ShardInfo:
     entry = listed.get(info.file)
     if entry is None or entry == info:
         return info
-    stem, dot, suffix = info.file.partition(".")
-    return dataclasses.replace(info, file=f"{stem}.{info.hash}{dot}{suffix}")
+    parts = info.file.split(".")
+    at = next((i for i in range(1, len(parts)) if not parts[i].isdigit()), len(parts))
+    return dataclasses.replace(info, file=".".join([*parts[:at], info.hash, *parts[at:]]))
 
 
 def _index_to_publish(index: Index, data: bytes, published: list[ShardInfo]) -> bytes:
