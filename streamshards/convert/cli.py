@@ -117,13 +117,22 @@ def summary_lines(result: ConvertResult, tokenized: bool) -> list[str]:
 @click.option("--unit-size", default="2MB", show_default=True, help="Input bytes per work unit.")
 @click.option("--overwrite", is_flag=True, help="Replace a different dataset already at OUT.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("--block-size", type=int, help="LitData TokensLoader input: tokens per sample.")
+@click.option("--pkl-as-bytes", is_flag=True, help="MDS input: pickle columns as raw bytes.")
 def convert(inputs: tuple[str, ...], out: str, keep_fields: str, quiet: bool, **options) -> None:
     """Convert corpora (JSON lines, gzip/zstd, Parquet, text) into a shard dataset at OUT.
 
     INPUT is files, folders or globs. Re-run the same command after a crash to resume.
+    One MDS or LitData dataset (folder or URL) is copied sample for sample (docs/INTEROP.md).
 
     Example: streamshards convert c4/*.json.gz shards/ --tokenizer tokenizer.json --seq-len 2048
     """
+    from streamshards.interop.convert import convert_command, is_foreign
+
+    foreign = {"block_size": options.pop("block_size"), "pkl_as_bytes": options.pop("pkl_as_bytes")}
+    if len(inputs) == 1 and is_foreign(inputs[0]):  # an MDS or LitData dataset: copy it over
+        convert_command(inputs[0], out, {**options, **foreign}, quiet)
+        return
     fields = [f.strip() for f in keep_fields.split(",") if f.strip()]
     bar = _ProgressBar(not quiet)
     try:
