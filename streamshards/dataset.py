@@ -34,6 +34,7 @@ from streamshards.order import (
     groups,
     rank_batches,
     stream_spans,
+    worker_blocks,
 )
 from streamshards.source import ShardSource, open_source
 
@@ -380,11 +381,12 @@ class StreamingDataset(IterableDataset):
 
     # Iteration -----------------------------------------------------------------------------
 
-    def position_batches(self, cursor: Cursor) -> Iterator[np.ndarray]:
-        """Global positions of each batch this rank and data-loader worker reads from ``cursor``.
+    def position_runs(self, cursor: Cursor, max_run: int = 1) -> Iterator[list[np.ndarray]]:
+        """Global positions of each batch this rank and data-loader worker reads from ``cursor``,
+        in runs of consecutive batches (``order.worker_blocks``; single batches by default).
 
-        Worker ``i`` of ``w`` takes the rank's batches ``i, i + w, ...``, which is the order
-        in which a DataLoader collects them, so batches do not depend on ``num_workers``.
+        The runs are dealt to workers in turn, which is the order in which a DataLoader collects
+        them, so the batches do not depend on ``num_workers``.
         """
         rank, world_size = self.rank_world or world()
         info = get_worker_info()
@@ -402,8 +404,11 @@ class StreamingDataset(IterableDataset):
             cursor.samples_seen, end, rank, world_size, self.batch_size
         )
         rank_end = end if first < end else first
-        for batch in range(worker, num_batches, workers):
-            yield batch_positions(first, batch, rank_end, world_size, self.batch_size)
+        for start, count in worker_blocks(num_batches, worker, workers, max_run):
+            yield [
+                batch_positions(first, batch, rank_end, world_size, self.batch_size)
+                for batch in range(start, start + count)
+            ]
 
     def _hint(self, located: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         streams, shards, _ = located
@@ -424,24 +429,45 @@ class StreamingDataset(IterableDataset):
         """
         own = cursor is None
         cursor = self.cursor if cursor is None else cursor
-        try:
-            for located in self._located(self.order(cursor.epoch), cursor, join):
-                yield self.read(*located)
-        finally:  # local shards stay open for the next epoch; cached ones make room
-            self._release_cached()
+        batches = (b for run in self.position_runs(cursor) for b in run)
+        reads = iter(lambda: list(islice(batches, join)), [])
+        yield from self._read_units(cursor, reads)
         if own and get_worker_info() is None:
             self.cursor = cursor.next_epoch()
 
+    def iter_runs(self, cursor: Cursor, max_run: int) -> Iterator[tuple[dict[str, Any], list[int]]]:
+        """This worker's runs of up to ``max_run`` consecutive batches, each read as one batch,
+        with the sizes of the batches it holds: the unit a loader worker hands over."""
+        runs = self.position_runs(cursor, max_run)
+        pending: list[list[int]] = []
+
+        def reads() -> Iterator[list[np.ndarray]]:
+            for run in runs:
+                pending.append([len(b) for b in run])
+                yield run
+
+        for batch in self._read_units(cursor, reads()):
+            yield batch, pending.pop(0)
+
+    def _read_units(
+        self, cursor: Cursor, units: Iterator[list[np.ndarray]]
+    ) -> Iterator[dict[str, Any]]:
+        """Read each unit (a list of position arrays) as one batch, releasing cached shards
+        when the caller stops."""
+        try:
+            for located in self._located(self.order(cursor.epoch), units):
+                yield self.read(*located)
+        finally:  # local shards stay open for the next epoch; cached ones make room
+            self._release_cached()
+
     def _located(
-        self, order: EpochOrder, cursor: Cursor, join: int, chunk: int = LOOKUP_CHUNK
+        self, order: EpochOrder, units: Iterator[list[np.ndarray]], chunk: int = LOOKUP_CHUNK
     ) -> Iterator[tuple]:
-        """(stream, shard, sample) arrays of each read, looked up ``chunk`` positions at a time.
+        """(stream, shard, sample) arrays of each unit, looked up ``chunk`` positions at a time.
 
         Lookups are batched because their cost is per call, not per position; each chunk is
         looked up, and its shards handed to the sources to prefetch, one chunk ahead of use.
         """
-        batches = self.position_batches(cursor)
-        units = iter(lambda: list(islice(batches, join)), [])
 
         def chunks() -> Iterator[list[tuple]]:
             while True:

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from streamshards.dataset import StreamingDataset, world
 from streamshards.order import Cursor
+
+# Samples a worker gathers into one hand-over at most: torch's queues cost about as much per
+# item as reading a few hundred small samples, so items carry runs of batches, not one batch.
+RUN_SAMPLES = 1024
 
 
 class _Batches(IterableDataset):
     """The dataset's batches from ``cursor``, already gathered, for ``batch_size=None``.
 
-    The loader sets ``cursor`` before each epoch; workers get it with their copy of this object.
+    In-process it yields batches. A worker yields runs of consecutive batches as one item
+    (``_Run``), which the loader splits again; runs grow from one batch, so the first batch
+    is not delayed. The loader sets ``cursor`` before each epoch; workers get it with their
+    copy of this object.
     """
 
     def __init__(self, dataset: StreamingDataset):
@@ -27,11 +35,34 @@ class _Batches(IterableDataset):
     def __len__(self) -> int:
         return self.dataset.num_batches(self.cursor)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.dataset.iter_batches(self.cursor):
-            yield {
-                k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()
-            }
+    def __iter__(self) -> Iterator[dict[str, Any] | _Run]:
+        if get_worker_info() is None:
+            for batch in self.dataset.iter_batches(self.cursor):
+                yield _tensors(batch)
+            return
+        max_run = max(1, RUN_SAMPLES // self.dataset.batch_size)
+        for batch, sizes in self.dataset.iter_runs(self.cursor, max_run):
+            yield _Run(_tensors(batch), sizes)
+
+
+@dataclass
+class _Run:
+    """Consecutive batches read as one (``columns``), and the size of each."""
+
+    columns: dict[str, Any]
+    sizes: list[int]
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """The batches in order: tensor slices (views) and list slices."""
+        start = 0
+        for size in self.sizes:
+            yield {k: v[start : start + size] for k, v in self.columns.items()}
+            start += size
+
+
+def _tensors(batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch with its numpy arrays as tensors (shared, not copied, across processes)."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +112,11 @@ class StreamingDataLoader(DataLoader):
         global_batch = dataset.batch_size * world_size
         end = dataset.epoch_end()
         self._batches.cursor = self.cursor
-        batches = super().__iter__()
+        batches = (
+            batch
+            for item in super().__iter__()
+            for batch in (item.batches() if isinstance(item, _Run) else (item,))
+        )
         while True:
             started = time.perf_counter()
             batch = next(batches, None)

@@ -14,6 +14,7 @@ with the number of samples (O6).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -234,6 +235,28 @@ def rank_batches(
     first = start + rank
     count = max(0, -(-(end - first) // world_size)) if first < end else 0
     return first, -(-count // batch_size)
+
+
+def worker_blocks(
+    num_batches: int, worker: int, workers: int, max_block: int
+) -> Iterator[tuple[int, int]]:
+    """(first batch, count) of each run of consecutive batches that ``worker`` of ``workers`` reads.
+
+    Runs are dealt round-robin, as a DataLoader collects its workers' items, so taking them in
+    turn restores the batch order. Round ``r`` deals runs of ``min(2**r, max_block)`` batches:
+    the first batch comes after one batch's work, and later runs amortise per-item costs.
+    Cost: O(num_batches / max_block + log max_block) integers, computed lazily.
+    """
+    start, size = 0, 1
+    while start < num_batches:
+        for w in range(workers):
+            count = min(size, num_batches - start)
+            if count <= 0:
+                return
+            if w == worker:
+                yield start, count
+            start += count
+        size = min(2 * size, max_block)
 
 
 def batch_positions(

@@ -14,6 +14,7 @@ from streamshards.order import (
     epoch_spans,
     rank_batches,
     stream_spans,
+    worker_blocks,
 )
 
 shard_sizes = st.lists(st.integers(0, 40), min_size=1, max_size=12).filter(lambda s: sum(s) > 0)
@@ -116,3 +117,21 @@ def test_each_rank_reads_about_its_share_of_shards(seed, world, epoch):
     assert set().union(*touched) == set(range(shards))
     for rank_shards in touched:
         assert len(rank_shards) <= shards / world + parts / world + 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(num_batches=st.integers(0, 3000), workers=st.integers(1, 8), max_run=st.integers(1, 300))
+def test_worker_runs_taken_in_turn_are_every_batch_once_in_order(num_batches, workers, max_run):
+    """A DataLoader takes one item from each live worker in turn; that must be batch order."""
+    runs = [list(worker_blocks(num_batches, w, workers, max_run)) for w in range(workers)]
+    taken: list[int] = []
+    turn = 0
+    while any(runs):
+        if runs[turn % workers]:
+            start, count = runs[turn % workers].pop(0)
+            assert 1 <= count <= max_run
+            taken.extend(range(start, start + count))
+        turn += 1
+    assert taken == list(range(num_batches))
+    firsts = [next(worker_blocks(num_batches, w, workers, max_run), None) for w in range(workers)]
+    assert all(f is None or f[1] == 1 for f in firsts)  # the first batch waits on one batch
