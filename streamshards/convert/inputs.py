@@ -53,6 +53,7 @@ class Unit:
     payload: bytes | list
     end_pos: int
     read_error: str | None = None
+    end_offset: int = 0  # decompressed bytes of the file up to this unit's end
 
     @property
     def name(self) -> str:
@@ -67,6 +68,8 @@ class FileReport:
     xxh3_64: str = ""
     read_error: str | None = None
     units: int = 0
+    # After damage: decompressed bytes that can be trusted; units ending past it are dropped.
+    trusted_bytes: int | None = None
 
 
 def format_of(path: str) -> tuple[str, str | None] | None:
@@ -155,9 +158,73 @@ class _HashingReader:
         return self.hasher.hexdigest()
 
 
+class _GzipMembers:
+    """gzip decompression member by member, knowing how far output is checked by a trailer.
+
+    ``verified`` is the decompressed size up to the end of the last member whose CRC and
+    length matched; output past it is trusted only if the file simply ends early.
+    ``signature_seen`` says the current member's bytes hold a gzip header: a sign that a cut
+    member swallowed the next one, whose bytes then decompress to garbage.
+    """
+
+    def __init__(self, raw: _HashingReader):
+        self.raw = raw
+        self.compressed = b""
+        self.inflate = None
+        self.produced = 0
+        self.verified = 0
+        self.signature_seen = False
+        self.scanned_tail = b""
+
+    def read1(self, size: int = _BLOCK) -> bytes:
+        while True:
+            if not self.compressed:
+                self.compressed = self.raw.read(_BLOCK)
+                if not self.compressed:
+                    if self.inflate is not None:
+                        raise EOFError(
+                            "Compressed file ended before the end-of-stream marker was reached"
+                        )
+                    return b""
+            if self.inflate is None:
+                if self.produced and not self.compressed.strip(b"\x00"):
+                    self.compressed = b""  # zero padding after the last member
+                    continue
+                if len(self.compressed) < 2:
+                    self.compressed += self.raw.read(_BLOCK)
+                if not self.compressed.startswith(b"\x1f\x8b"):
+                    raise gzip.BadGzipFile(f"Not a gzipped file ({self.compressed[:2]!r})")
+                self.inflate = zlib.decompressobj(31)
+                self.signature_seen = False
+                self.scanned_tail = b""
+                fed_header = True
+            else:
+                fed_header = False
+            data = self.compressed
+            out = self.inflate.decompress(data, size)
+            rest = self.inflate.unused_data if self.inflate.eof else self.inflate.unconsumed_tail
+            consumed = data[: len(data) - len(rest)]
+            self._scan(consumed[3:] if fed_header else consumed)
+            self.compressed = rest
+            self.produced += len(out)
+            if self.inflate.eof:
+                self.inflate = None
+                self.verified = self.produced
+            if out:
+                return out
+
+    read = read1
+
+    def _scan(self, consumed: bytes) -> None:
+        window = self.scanned_tail + consumed
+        if b"\x1f\x8b\x08" in window:
+            self.signature_seen = True
+        self.scanned_tail = window[-2:]
+
+
 def _stream(raw: _HashingReader, codec: str | None):
     if codec == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return _GzipMembers(raw)
     if codec == "zstd":
         import zstandard
 
@@ -212,6 +279,9 @@ def _line_units(
     waiting = 0
     line = 1
     number = 0
+    yielded = 0  # decompressed bytes handed out in units so far
+    ends: list[tuple[int, int]] = []  # (end_offset, last line) of each unit handed out
+    carried = False
     eof = False
     while not eof:
         try:
@@ -219,11 +289,19 @@ def _line_units(
         except errors as err:
             buffer = b"".join([buffer, *pieces])
             pieces, waiting = [], 0
-            complete = line + buffer.count(b"\n") - 1
-            where = f"after line {complete}" if complete else "from the start"
-            report.read_error = f"{source.path}: unreadable {where}: {err or type(err).__name__}"
+            trusted = _trusted_bytes(stream, err)
+            if trusted is not None:
+                # Damage inside a member: keep nothing it decompressed past the last trailer.
+                report.trusted_bytes = trusted
+                buffer = buffer[: max(0, trusted - yielded)]
             # The bytes after the last newline are an incomplete record: drop them.
             buffer = buffer[: buffer.rfind(b"\n") + 1]
+            if trusted is not None and yielded > trusted:
+                complete = max((last for end, last in ends if end <= trusted), default=0)
+            else:
+                complete = line + buffer.count(b"\n") - 1
+            where = f"after line {complete}" if complete else "from the start"
+            report.read_error = f"{source.path}: unreadable {where}: {err or type(err).__name__}"
             block = b""
         if block:
             pieces.append(block)
@@ -243,16 +321,33 @@ def _line_units(
                     break
                 cut = len(buffer) - 1
             payload, buffer = buffer[: cut + 1], buffer[cut + 1 :]
-            unit = Unit(file_number, number, line, payload, raw.pos)
+            yielded += len(payload)
+            unit = Unit(file_number, number, line, payload, raw.pos, end_offset=yielded)
             line += payload.count(b"\n")
+            ends.append((yielded, line - 1))
             number += 1
             if eof and not buffer:
                 unit.read_error = report.read_error
+                carried = True
             yield unit
-    if report.read_error and number == 0:
-        yield Unit(file_number, 0, 1, b"", raw.pos, report.read_error)
-        number = 1
+    if report.read_error and not carried:
+        # An empty last unit carries the error (its end is past any trusted bytes).
+        yield Unit(file_number, number, line, b"", raw.pos, report.read_error, yielded + 1)
+        number += 1
     report.units = number
+
+
+def _trusted_bytes(stream, err: BaseException) -> int | None:
+    """After a read error: how many decompressed bytes to trust, or None for all of them.
+
+    A file that just ends early (nothing after the cut) decompressed only real bytes; any
+    other gzip damage may have produced garbage since the last verified member.
+    """
+    if not isinstance(stream, _GzipMembers):
+        return None
+    if isinstance(err, EOFError) and not stream.signature_seen:
+        return None
+    return stream.verified
 
 
 def _parquet_units(

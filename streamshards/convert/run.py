@@ -17,7 +17,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from multiprocessing import get_context
@@ -49,6 +49,7 @@ from streamshards.writer import (
     parse_size,
 )
 
+UNREADABLE_FILE = "unreadable_file"
 DEDUP_RULE = "exact: xxh3-128 of the text lowercased, whitespace runs collapsed; first kept"
 _SHARD_FILE = re.compile(r"^\.?shard\.\d{6}\.ssd(\.zst)?(\.tmp)?$")
 
@@ -223,6 +224,9 @@ class ConvertJob:
                 units = read_units(
                     source, number, self.unit_bytes, self.options.txt_per_line, report
                 )
+                # A gzip unit is packed only once the file is read: damage found later in
+                # the file may void it (see inputs._trusted_bytes).
+                held: list[tuple[tuple[str, int, Future | None], int]] = []
                 for unit in units:
                     if unit.read_error and self.options.on_error == "fail":
                         raise ConvertError(
@@ -240,9 +244,21 @@ class ConvertJob:
                             unit.first_line,
                             self.work.spill_path(unit.name),
                         )
-                    pending.append((unit.name, self.bytes_before + unit.end_pos, future))
+                    entry = (unit.name, self.bytes_before + unit.end_pos, future)
+                    if source.codec == "gzip":
+                        held.append((entry, unit.end_offset))
+                        _wait_for_room([e[2] for e, _ in held], in_flight)
+                        continue
+                    pending.append(entry)
                     while len(pending) >= in_flight:
                         self._pack(*pending.popleft())
+                for entry, end_offset in held:
+                    if report.trusted_bytes is None or end_offset <= report.trusted_bytes:
+                        pending.append(entry)
+                        while len(pending) >= in_flight:
+                            self._pack(*pending.popleft())
+                if report.read_error:
+                    self.bad[UNREADABLE_FILE] += 1
                 self.bytes_before += source.size
             while pending:
                 self._pack(*pending.popleft())
@@ -365,6 +381,14 @@ class ConvertJob:
             # still held, so no other job can lock it in between.
             (self.out / LOCK_NAME).unlink(missing_ok=True)
             self.out.rmdir()
+
+
+def _wait_for_room(futures: list[Future | None], in_flight: int) -> None:
+    """Block until fewer than ``in_flight`` of ``futures`` are still running."""
+    running = [f for f in futures if f is not None and not f.done()]
+    while len(running) >= in_flight:
+        wait(running, return_when=FIRST_COMPLETED)
+        running = [f for f in running if not f.done()]
 
 
 def _layout(info: TokenizerInfo) -> str:
