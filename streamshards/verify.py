@@ -47,7 +47,14 @@ def check_shard(
         except OSError as err:
             reason = "is missing" if err.errno == errno.ENOENT else f"cannot be read ({err})"
             raise ShardError(f"shard {info.file}: file {where} {reason}") from None
-        with os.fdopen(fd, "rb") as f:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ShardError(f"shard {info.file}: {where} is not a regular file")
+            f = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             _check_open(f, info, where)
     else:
         _check_open(file, info, where or getattr(file, "name", "file"))

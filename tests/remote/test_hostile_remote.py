@@ -22,10 +22,11 @@ from remote_helpers import COLUMNS, sample, wait_until
 from streamshards import ShardWriter, StreamingDataset
 from streamshards.cache import RemoteSource
 from streamshards.cli import main
+from streamshards.format import ShardError, stored_hash
 from streamshards.index import load_index
 from streamshards.storage import open_storage
 from streamshards.transfer import RemoteWriter, download, upload, verify_remote
-from streamshards.verify import is_verified
+from streamshards.verify import check_shard, is_verified, verify_and_mark
 
 NEW = 100_000  # sample ids of the "new version" of a dataset
 
@@ -143,6 +144,41 @@ def test_verify_of_a_url_ignores_a_damaged_cache(s3_dataset, dataset, tmp_path, 
     assert result.exit_code == 0 and f"{shards} of {shards} shards ok" in result.output
 
 
+def test_verify_of_a_gcs_url_streams_the_objects(gcs_dataset, dataset, gcs_bucket):
+    from google.cloud import storage
+
+    assert problems(gcs_dataset) == []
+    info = load_index(dataset).shards[0]
+    blob = storage.Client().bucket(gcs_bucket).blob(f"data/v1/{info.file}")
+    blob.upload_from_string(b"y" * info.stored_bytes)
+    assert problems(gcs_dataset) == [
+        f"{info.file}: {gcs_dataset}/{info.file} does not match the index: index says "
+        f"{info.stored_bytes} bytes with xxh3_64={info.hash}, file has {info.stored_bytes} "
+        f"bytes (xxh3_64={stored_hash(b'y' * info.stored_bytes)})"
+    ]
+
+
+def test_one_shard_check_refuses_what_is_not_the_shard_without_hanging(dataset, tmp_path):
+    info = load_index(dataset).shards[0]
+    copy = tmp_path / info.file
+    shutil.copy(dataset / info.file, copy)
+    verify_and_mark(copy, info)
+    assert is_verified(copy, info)
+    data = bytearray(copy.read_bytes())
+    data[7] ^= 1
+    copy.write_bytes(bytes(data))  # same size; the write moves mtime and voids the stamp
+    assert not is_verified(copy, info)
+    with pytest.raises(ShardError, match=f"shard {info.file}: .*xxh3_64={info.hash}"):
+        check_shard(copy, info)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "folder").mkdir()
+    for path in (fifo, tmp_path / "folder", tmp_path / "missing"):
+        with pytest.raises(ShardError, match=f"shard {info.file}: .*{path.name}"):
+            check_shard(path, info)
+        assert not is_verified(path, info)
+
+
 # -- 3: upload over a published dataset ----------------------------------------------------------
 
 UPLOAD = "import sys; from streamshards.transfer import upload; upload(*sys.argv[1:3], workers=1)"
@@ -229,6 +265,20 @@ def test_a_cache_folder_deleted_under_a_reader_is_made_again(limit, s3_dataset, 
     assert sorted(ids) == list(range(index.num_samples))
     ds.sources[0].close()
     assert sorted(ids_read(s3_dataset, local)) == list(range(index.num_samples))
+
+
+def test_download_over_an_older_copy_never_leaves_its_index_over_new_bytes(s3_bucket, tmp_path):
+    old = write_version(tmp_path / "old", 0)
+    new = write_version(tmp_path / "new", NEW)
+    upload(old, f"s3://{s3_bucket}/old", progress=False)
+    upload(new, f"s3://{s3_bucket}/new", progress=False)
+    broken = load_index(new).shards[-1]
+    open_storage(f"s3://{s3_bucket}/new").put_bytes(b"z" * broken.stored_bytes, broken.file)
+    target = tmp_path / "copy"
+    download(f"s3://{s3_bucket}/old", target, progress=False)
+    with pytest.raises(ShardError, match=broken.file):
+        download(f"s3://{s3_bucket}/new", target, progress=False, workers=1)
+    assert not (target / "index.json").exists()  # the old index went before any shard changed
 
 
 # -- 11: download targets that cannot be written -------------------------------------------------
