@@ -36,15 +36,25 @@ def main() -> None:
     """Compressed, indexed shards for language-model training."""
 
 
-def _open_index(dataset: str):
-    """The shard source (index and shard paths) of a local folder or a remote URL."""
+def _open_index(dataset: str, block_size: int | None = None, pkl_as_bytes: bool = False):
+    """The shard source (index and shard paths) of a local folder or a remote URL; the
+    options are for MDS and LitData datasets (docs/INTEROP.md)."""
     from streamshards.source import open_source
 
+    options = {k: v for k, v in (("block_size", block_size), ("pkl_as_bytes", pkl_as_bytes)) if v}
     if "://" in dataset and not dataset.startswith("file://"):
-        source = open_source(dataset, None)
+        source = open_source(dataset, None, **options)
     else:
-        source = open_source(None, dataset)
+        source = open_source(None, dataset, **options)
     return source
+
+
+_block_size = click.option(
+    "--block-size", type=int, help="LitData TokensLoader datasets: tokens per sample."
+)
+_pkl_as_bytes = click.option(
+    "--pkl-as-bytes", is_flag=True, help="MDS pickle columns as raw bytes (never unpickled)."
+)
 
 
 def _human(n: float) -> str:
@@ -58,14 +68,16 @@ def _human(n: float) -> str:
 @main.command()
 @click.argument("dataset")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for machines.")
-def inspect(dataset: str, as_json: bool) -> None:
+@_block_size
+@_pkl_as_bytes
+def inspect(dataset: str, as_json: bool, **options) -> None:
     """Show a dataset's size, schema and provenance.
 
     Example: streamshards inspect ./shards --json
     """
     try:
-        index = _open_index(dataset).index
-    except (IndexFormatError, OSError) as err:
+        index = _open_index(dataset, **options).index
+    except (IndexFormatError, OSError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     ratio = index.raw_bytes / index.stored_bytes if index.stored_bytes else 1.0
     summary = {
@@ -96,27 +108,27 @@ def inspect(dataset: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("dataset")
-def verify(dataset: str) -> None:
+@_block_size
+@_pkl_as_bytes
+def verify(dataset: str, **options) -> None:
     """Check every shard's size and hash against the index and that it decodes.
 
     Exits 1 with one line per bad shard. Example: streamshards verify ./shards
     """
-    from streamshards.reader import open_shard
-
     if "://" in dataset and not dataset.startswith("file://"):
         from streamshards.transfer import verify_remote_command
 
         verify_remote_command(dataset)  # the remote objects themselves, not a node cache
         return
     try:
-        source = _open_index(dataset)
-    except (IndexFormatError, OSError) as err:
+        source = _open_index(dataset, **options)
+    except (IndexFormatError, OSError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     index = source.index
     bad = 0
     for k, info in enumerate(index.shards):
         try:
-            view = open_shard(source.path(k), info, index)
+            view = source.open_view(k)
             for j in range(view.num_samples):
                 view.sample(j)
         except (ShardError, ValueError, OSError, OverflowError, RecursionError) as err:
