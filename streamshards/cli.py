@@ -158,6 +158,6 @@ def merge(
 
     try:
         index = merge_parts(parts, out, compression, size_limit, overwrite)
-    except (IndexFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (IndexFormatError, OSError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"merged {index.num_samples:,} samples into {len(index.shards)} shards at {out}")
