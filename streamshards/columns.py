@@ -169,6 +169,8 @@ def decode(buf: memoryview, ctype: ColumnType) -> Any:
         return json.loads(str(buf, "utf-8"))
     if ctype.shape is not None:
         return np.frombuffer(buf, dtype=ctype.dtype).reshape(ctype.shape)
+    if len(buf) < 8:
+        raise ValueError(f"corrupt ndarray: {len(buf)} bytes is shorter than its header")
     (ndim,) = struct.unpack_from("<Q", buf, 0)
     if ndim > 32 or 8 + 8 * ndim > len(buf):
         raise ValueError(f"corrupt ndarray header (ndim={ndim})")
