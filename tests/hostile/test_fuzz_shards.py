@@ -25,12 +25,20 @@ from streamshards.format import ShardError, stored_hash
 from streamshards.index import Index
 from streamshards.reader import open_shard
 
-COLUMNS = {"id": "int64", "text": "str", "tokens": "ndarray:uint16"}
+COLUMNS = {
+    "id": "int64",
+    "text": "str",
+    "tokens": "ndarray:uint16",
+    "meta": "json",
+    "vec": "ndarray:float32:2",
+}
 SAMPLES = [
     {
         "id": 7 * k - 20,
         "text": "é漢" * k + f" sample {k}",
         "tokens": np.arange(k % 5 * 3, dtype=np.uint16).reshape(-1, 3)[: k % 4],
+        "meta": {"k": k, "tags": ["a"] * (k % 3)},
+        "vec": np.array([k, -k / 3], dtype=np.float32),
     }
     for k in range(12)
 ]
