@@ -9,6 +9,7 @@ is presented as a native ``Index`` and its shards as views with ``ShardView``'s 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,15 @@ class ShardSource:
         return 0.0
 
 
-def read_index(text: bytes, source: str, options: dict[str, Any]) -> tuple[Index, Any]:
-    """(index, foreign reader or None) of index.json bytes: native, MDS or LitData."""
-    foreign = load_foreign(text, source, options)
+def read_index(
+    text: bytes,
+    source: str,
+    options: dict[str, Any],
+    locate: Callable[[str], Path] | None = None,
+) -> tuple[Index, Any]:
+    """(index, foreign reader or None) of index.json bytes: native, MDS or LitData;
+    ``locate`` maps a shard file name to a local path (see ``load_foreign``)."""
+    foreign = load_foreign(text, source, options, locate)
     if foreign is not None:
         return foreign.index, foreign
     if options:
@@ -76,7 +83,9 @@ class LocalSource(ShardSource):
         if not path.is_file():  # missing, or not a regular file: the native reader says which
             self.index = load_index(self.folder)
             return
-        self.index, self.foreign = read_index(path.read_bytes(), str(path), options)
+        self.index, self.foreign = read_index(
+            path.read_bytes(), str(path), options, lambda name: self.folder / name
+        )
 
     def path(self, shard: int) -> Path:
         return self.folder / self.index.shards[shard].file

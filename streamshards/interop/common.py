@@ -125,14 +125,16 @@ def decompress(data: Any, codec: str, raw_bytes: int | None, name: str) -> bytes
 class Codec:
     """How one foreign column's bytes become a value.
 
-    ``raw``: (dtype, shape) when each value is exactly those raw bytes, read as one array;
-    ``size``: bytes per value when fixed; ``native``: the column type the index lists.
+    ``raw``: (dtype, shape) when each value holds those raw values after ``skip`` header
+    bytes, read as one array; ``size``: bytes per stored value when the format fixes it;
+    ``native``: the column type the index lists.
     """
 
     native: str
     decode: Callable[[memoryview], Any]
     size: int | None = None
     raw: tuple[np.dtype, tuple[int, ...]] | None = None
+    skip: int = 0
 
 
 def item_table(
@@ -264,12 +266,20 @@ class RowView:
         """The stored values of a fixed-size column: a strided view when rows are evenly
         spaced (always so when every column is fixed-size), else gathered into a copy."""
         n = self.num_samples
-        size = self.codecs[col].size
-        starts = self.starts[:, col]
-        step = int(starts[1] - starts[0]) if n > 1 else size
-        if n and np.all(np.diff(starts) == step) and step >= size:
+        codec = self.codecs[col]
+        width = dtype.itemsize * math.prod(shape)
+        wrong = self.sizes[:, col] != codec.skip + width
+        if np.any(wrong):
+            j = int(np.argmax(wrong))
+            raise ShardError(
+                f"shard {self.name}: column {self.names[col]!r} of sample {j} is not one "
+                f"{dtype} array of shape {shape}, as its first sample is"
+            )
+        starts = self.starts[:, col] + codec.skip
+        step = int(starts[1] - starts[0]) if n > 1 else width
+        if n and np.all(np.diff(starts) == step) and step >= width:
             inner = [dtype.itemsize * math.prod(shape[k + 1 :]) for k in range(len(shape))]
             return np.ndarray((n, *shape), dtype, self.buf, int(starts[0]), (step, *inner))
-        at = starts[:, None] + np.arange(size)[None, :]
-        data = np.frombuffer(self.buf, dtype=np.uint8)[at] if n else np.zeros((0, size), np.uint8)
+        at = starts[:, None] + np.arange(width)[None, :]
+        data = np.frombuffer(self.buf, dtype=np.uint8)[at] if n else np.zeros((0, width), np.uint8)
         return data.view(dtype).reshape((n, *shape))

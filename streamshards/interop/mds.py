@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ _UNSUPPORTED = {
 _CODECS = ("zstd", "gz", "bz2")
 #: Option that lets a ``pkl`` column through as the raw pickle bytes (never unpickled).
 PKL_OPTION = "pkl_as_bytes"
+TOKENS = "tokens"
 
 
 def is_mds(obj: Any) -> bool:
@@ -168,11 +170,21 @@ def column_codec(spec: Any, column: str, where: str, options: dict, legacy_token
 
 
 class MDSFormat:
-    """The parsed MDS index: column codecs and each shard's files and hashes."""
+    """The parsed MDS index: column codecs and each shard's files and hashes.
+
+    ``locate`` gives the local path of a shard file; with it, token rows are listed with
+    their length (see ``_fix_token_rows``).
+    """
 
     kind = "mds"
 
-    def __init__(self, obj: dict, source: str, options: dict):
+    def __init__(
+        self,
+        obj: dict,
+        source: str,
+        options: dict,
+        locate: Callable[[str], Path] | None = None,
+    ):
         unknown = set(options) - {PKL_OPTION}
         if unknown:
             raise ValueError(f"{source}: unknown option(s) for an MDS dataset: {sorted(unknown)}")
@@ -259,6 +271,38 @@ class MDSFormat:
             "hashes": sorted({a for h in self.hashes + self.raw_hashes for a in h if a in HASHES}),
         }
         self.index = Index(columns, infos, provenance)
+        if locate is not None and infos[0].samples:
+            self._fix_token_rows(locate(infos[0].file))
+
+    def _fix_token_rows(self, first: Path) -> None:
+        """List an LLM Foundry ``tokens`` column of 1-D integer rows as fixed-length rows, the
+        length of the first shard's first row; a row of another length is an error on read."""
+        k = self.names.index(TOKENS) if TOKENS in self.names else -1
+        codec = self.codecs[k] if k >= 0 else None
+        if codec is None or codec.size is not None or not codec.native.startswith("ndarray:"):
+            return
+        dtype = np.dtype(codec.native.split(":")[1])
+        if dtype.kind not in "iu":
+            return
+        view = self.open_view(first, 0)
+        row = view.value(k, 0)
+        if row.ndim != 1 or row.dtype != dtype:
+            return
+        length = len(row)
+        skip = int(view.sizes[0, k]) - length * dtype.itemsize
+
+        def decode(b: memoryview) -> np.ndarray:
+            value = codec.decode(b)
+            if value.shape != (length,):
+                raise ValueError(f"a row of shape {value.shape}, the first row has {length}")
+            return value
+
+        native = f"ndarray:{dtype.name}:{length}"
+        self.codecs[k] = Codec(native, decode, None, (dtype, (length,)), skip)
+        columns = dict(self.index.columns)
+        columns[TOKENS] = native
+        self.native_arrays[k] = (dtype, (length,))
+        self.index = Index(columns, self.index.shards, self.index.provenance)
 
     def verify_stored(self, data: Any, shard: int) -> None:
         """Check a stored shard file's recorded hash (the compressed file's, if compressed)."""

@@ -45,11 +45,21 @@ def test_batches_hold_native_arrays(name):
             assert batch[column].shape == (5, *ctype.array[1])
 
 
-def test_token_rows_are_integer_arrays():
-    """LLM Foundry's tokens, current (ndarray:int32) and legacy (int64 bytes), are int rows."""
-    for name, dtype in (("mds_tokens_int32", np.int32), ("mds_tokens_bytes_int64", np.int64)):
-        row = open_fixture(name)[0]["tokens"]
-        assert isinstance(row, np.ndarray) and row.dtype == dtype and row.ndim == 1
+@pytest.mark.parametrize(
+    ("name", "column"),
+    [("mds_tokens_int32", "ndarray:int32:129"), ("mds_tokens_bytes_int64", "ndarray:int64:129")],
+)
+def test_token_rows_are_fixed_length_integer_rows(name, column):
+    """LLM Foundry's tokens, current (ndarray:int32) and legacy (int64 bytes), come out as
+    fixed-length integer rows, read straight from the memory-mapped shard."""
+    ds = open_fixture(name, batch_size=8)
+    assert ds.columns == {"tokens": column}
+    row = ds[0]["tokens"]
+    assert isinstance(row, np.ndarray) and row.shape == (129,)
+    batch = next(ds.iter_batches())
+    assert batch["tokens"].shape == (8, 129) and batch["tokens"].dtype == row.dtype
+    rows = ds.sources[0].open_view(0).fixed_array(0)
+    assert not rows.flags.owndata and rows.base is not None  # a view of the shard file
 
 
 def test_litdata_tokens_serve_whole_blocks_per_chunk():
