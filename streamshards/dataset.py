@@ -14,7 +14,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 import numpy as np
@@ -430,7 +430,8 @@ class StreamingDataset(IterableDataset):
         own = cursor is None
         cursor = self.cursor if cursor is None else cursor
         batches = (b for run in self.position_runs(cursor) for b in run)
-        reads = iter(lambda: list(islice(batches, join)), [])
+        first = list(islice(batches, 1))  # read alone, so the first batch waits on one batch
+        reads = chain([first] if first else [], iter(lambda: list(islice(batches, join)), []))
         yield from self._read_units(cursor, reads)
         if own and get_worker_info() is None:
             self.cursor = cursor.next_epoch()
@@ -470,14 +471,16 @@ class StreamingDataset(IterableDataset):
         """
 
         def chunks() -> Iterator[list[tuple]]:
+            limit = 1  # the first lookup is of the first unit alone, so the first read is quick
             while True:
                 group: list[np.ndarray] = []
                 size = 0
                 for unit in units:
                     group.append(np.concatenate(unit))
                     size += len(group[-1])
-                    if size >= chunk:
+                    if size >= limit:
                         break
+                limit = chunk
                 if not group:
                     return
                 located = order.locate(np.concatenate(group))
@@ -489,8 +492,9 @@ class StreamingDataset(IterableDataset):
         pending = chunks()
         current = next(pending, None)
         while current is not None:
+            yield current[0]
             ahead = next(pending, None)
-            yield from current
+            yield from current[1:]
             current = ahead
 
     def read(self, streams: np.ndarray, shards: np.ndarray, js: np.ndarray) -> dict[str, Any]:

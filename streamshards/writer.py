@@ -6,6 +6,7 @@ import errno
 import os
 import re
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -143,6 +144,8 @@ class ShardWriter:
         self._count = 0
         self._raw = 0
         self._closed = False
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[ShardInfo] | None = None
 
     def write(self, sample: Mapping[str, Any]) -> None:
         """Add one sample; every column must be present and fit its type."""
@@ -163,34 +166,58 @@ class ShardWriter:
         """Add one sample whose columns are already encoded (used by merge and convert)."""
         size = sum(len(v) for v in encoded) + 8 * len(encoded)
         if self._count and self._raw + size > self.size_limit:
-            self.flush()
+            self._start_shard()
         for buffer, value in zip(self._buffers, encoded):
             buffer.append(value)
         self._count += 1
         self._raw += size
 
     def flush(self) -> None:
-        """Finish the current shard: build, compress, hash, write to a temporary name, rename."""
+        """Finish the current shard and wait until it is written and renamed into place."""
+        self._start_shard()
+        self._wait()
+
+    def _start_shard(self) -> None:
+        """Hand the filled shard to a background thread (compressing, hashing, writing and
+        syncing overlap the next shard's samples); one shard at a time is in flight."""
         if not self._count:
             return
         chunks = shard_chunks(list(zip(self.types, self._buffers)), self._count)
+        count = self._count
+        self._buffers = [[] for _ in self.types]
+        self._count = 0
+        self._raw = 0
+        self._wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="streamshards-writer")
         suffix = ".ssd.zst" if self.level is not None else ".ssd"
         name = f"{self.shard_prefix}.{len(self.shards):06d}{suffix}"
+        self._pending = self._pool.submit(self._write_shard, chunks, name, count)
+
+    def _write_shard(self, chunks: list[bytes], name: str, count: int) -> ShardInfo:
+        """Build, compress, hash and write one shard under a temporary name, then rename it."""
         tmp = self.out / f".{name}.tmp"
         try:
-            raw_bytes, stored_bytes, digest = write_shard(tmp, chunks, self.level)
+            # One joined buffer: a copy, but one write or compress call instead of one a sample.
+            raw_bytes, stored_bytes, digest = write_shard(tmp, [b"".join(chunks)], self.level)
             os.replace(tmp, self.out / name)
             fsync_folder(self.out)
         except OSError as err:
             tmp.unlink(missing_ok=True)  # a full disk keeps no partial shard
             raise output_error(self.out, err) from None
         compression = "zstd" if self.level is not None else None
-        self.shards.append(
-            ShardInfo(name, self._count, raw_bytes, stored_bytes, digest, compression)
-        )
-        self._buffers = [[] for _ in self.types]
-        self._count = 0
-        self._raw = 0
+        return ShardInfo(name, count, raw_bytes, stored_bytes, digest, compression)
+
+    def _wait(self) -> None:
+        """Wait for the shard in flight and record it; its error, if any, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.shards.append(pending.result())
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def index(self) -> Index:
         """The index describing what has been flushed so far."""
@@ -202,7 +229,10 @@ class ShardWriter:
         """Flush the last shard and write index.json atomically."""
         if self._closed:
             return self.index()
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self._shutdown()
         index = self.index()
         try:
             write_index(self.out, index)
@@ -225,3 +255,6 @@ class ShardWriter:
             self.close()
         else:
             self._closed = True
+            if self._pending is not None:
+                self._pending.exception()  # let the shard in flight finish; the block's error wins
+            self._shutdown()
