@@ -214,15 +214,23 @@ class RowView:
         self.name = name
         self.num_samples = len(starts)
         self._arrays: dict[int, np.ndarray] = {}
+        self._bounds: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     def values(self, col: int, rows: np.ndarray) -> list:
         """Decode column ``col`` of several samples."""
-        decode = self.codecs[col].decode
+        if self._bounds is None:
+            ends = self.starts + self.sizes
+            self._bounds = [
+                (self.starts[:, k].copy(), ends[:, k].copy()) for k in range(len(self.codecs))
+            ]
+        starts, ends = self._bounds[col]
         mv = self.mv
-        starts = self.starts[rows, col].tolist()
-        ends = (self.starts[rows, col] + self.sizes[rows, col]).tolist()
+        pairs = zip(starts[rows].tolist(), ends[rows].tolist())
         try:
-            return [decode(mv[a:b]) for a, b in zip(starts, ends)]
+            if self.codecs[col].native == "str":
+                return [str(mv[a:b], "utf-8") for a, b in pairs]
+            decode = self.codecs[col].decode
+            return [decode(mv[a:b]) for a, b in pairs]
         except (ValueError, KeyError, UnicodeDecodeError) as err:
             raise ShardError(f"shard {self.name}: column {self.names[col]!r}: {err}") from None
 
