@@ -159,16 +159,15 @@ def _field(obj: dict, key: str, kind: type | tuple, where: str):
     return value
 
 
-def min_raw_bytes(types: list[ColumnType], samples: int) -> int:
-    """The smallest raw shard that can hold ``samples`` samples of these column types."""
-    size = 24 + 24 * len(types)
-    for ctype in types:
-        per_sample = ctype.fixed_size
-        size += 8 * (samples + 1) if per_sample is None else per_sample * samples
-    return size
+def min_raw_bytes(types: list[ColumnType]) -> tuple[int, int]:
+    """(base, per sample): a raw shard of N samples of these columns takes at least
+    ``base + N * per_sample`` bytes (header, column table, offsets tables, fixed data)."""
+    sizes = [ctype.fixed_size for ctype in types]
+    base = 24 + 24 * len(types) + 8 * sizes.count(None)
+    return base, sum(8 if size is None else size for size in sizes)
 
 
-def _shard_info(entry: Any, where: str, types: list[ColumnType]) -> ShardInfo:
+def _shard_info(entry: Any, where: str, least: tuple[int, int]) -> ShardInfo:
     """One validated shard entry; the sizes must be possible for its sample count."""
     if not isinstance(entry, dict):
         raise IndexFormatError(f"{where}: not an object")
@@ -198,10 +197,10 @@ def _shard_info(entry: Any, where: str, types: list[ColumnType]) -> ShardInfo:
             f"{where}: field 'raw_bytes' is {info.raw_bytes}, more than a zstd frame of "
             f"{info.stored_bytes} stored bytes can hold"
         )
-    least = min_raw_bytes(types, info.samples)
-    if info.raw_bytes < least:
+    need = least[0] + least[1] * info.samples
+    if info.raw_bytes < need:
         raise IndexFormatError(
-            f"{where}: field 'samples' is {info.samples}, which needs at least {least} raw "
+            f"{where}: field 'samples' is {info.samples}, which needs at least {need} raw "
             f"bytes, but field 'raw_bytes' is {info.raw_bytes}"
         )
     return info
@@ -227,12 +226,13 @@ def parse_index(obj: Any, source: str) -> Index:
         types = [parse_column_type(spec, name) for name, spec in columns.items()]
     except ValueError as err:
         raise IndexFormatError(f"{source}: {err}") from None
+    least = min_raw_bytes(types)
     shards = []
     seen = set()
     total = 0
     for k, entry in enumerate(_field(obj, "shards", list, source)):
         where = f"{source}: shards[{k}]"
-        info = _shard_info(entry, where, types)
+        info = _shard_info(entry, where, least)
         if info.file in seen or info.file == INDEX_NAME:
             raise IndexFormatError(f"{where}: shard file {info.file!r} is listed twice or clashes")
         seen.add(info.file)
