@@ -144,7 +144,7 @@ def encode(value: Any, ctype: ColumnType, column: str) -> bytes:
     if kind == "json":
         try:
             return json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
-        except (TypeError, ValueError, UnicodeEncodeError) as err:
+        except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as err:
             raise ValueError(f"column {column!r}: value is not JSON-serialisable ({err})") from None
     arr = _as_array(value, ctype, column)
     if ctype.shape is not None:

@@ -24,8 +24,9 @@ from click.testing import CliRunner
 
 from streamshards import ShardWriter, StreamingDataset, load_index
 from streamshards.cli import main
-from streamshards.format import ShardError
-from streamshards.index import INDEX_NAME
+from streamshards.columns import parse_column_type
+from streamshards.format import ShardError, build_shard
+from streamshards.index import INDEX_NAME, Index, ShardInfo, write_index
 
 COLUMNS = {"id": "int64", "text": "str"}
 SAMPLES = [{"id": k, "text": f"sample {k} " + "ab\u00e9" * (k % 17)} for k in range(60)]
@@ -180,3 +181,26 @@ def test_anything_after_the_one_zstd_frame_is_refused(tmp_path: Path, tail: byte
     name = replace_shard(folder, 0, (folder / info.file).read_bytes() + tail)
     message = refused_within_a_second(folder)
     assert name in message and "exactly one frame" in message, message
+
+
+def test_json_nested_too_deeply_is_a_named_error(tmp_path: Path) -> None:
+    """The writer refuses a value nested past the recursion limit naming the column; a shard
+    holding such JSON text is refused naming the shard, column and sample."""
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="column 'meta'"):
+        with ShardWriter(tmp_path / "refused", {"meta": "json"}) as writer:
+            writer.write({"meta": deep})
+
+    raw = build_shard([(parse_column_type("json"), [b"[" * 100_000 + b"]" * 100_000])], 1)
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "deep.ssd").write_bytes(raw)
+    info = ShardInfo("deep.ssd", 1, len(raw), len(raw), xxhash.xxh3_64_hexdigest(raw), None)
+    write_index(folder, Index({"meta": "json"}, [info]))
+    message = refused_within_a_second(folder)
+    assert "deep.ssd" in message and "column 'meta' sample 0" in message, message
+    result = CliRunner().invoke(main, ["verify", str(folder)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith("BAD deep.ssd: "), result.output
