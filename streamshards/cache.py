@@ -29,7 +29,7 @@ import time
 import weakref
 from collections import Counter
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from streamshards.format import ShardError
 from streamshards.index import (
@@ -42,7 +42,7 @@ from streamshards.index import (
 )
 from streamshards.source import ShardSource
 from streamshards.storage import Progress, RetryPolicy, Storage, open_storage
-from streamshards.storage.flock import close_lock, flocked, open_lock
+from streamshards.storage.flock import close_lock, flocked, is_current, open_lock
 from streamshards.verify import check_shard, is_verified, mark_verified, verify_and_mark
 from streamshards.writer import parse_size
 
@@ -99,8 +99,10 @@ class RemoteSource(ShardSource):
         prefetch: int = 4,
         retry: RetryPolicy | None = None,
         timeout: float = 60.0,
+        **options: Any,
     ):
         self.remote = str(remote)
+        self.options = options  # for an MDS or LitData dataset (streamshards.interop)
         self.storage: Storage = open_storage(self.remote, retry, timeout)
         self.local = Path(local) if local is not None else default_cache_dir(self.remote)
         self.cache_limit = parse_size(cache_limit)
@@ -113,6 +115,7 @@ class RemoteSource(ShardSource):
             largest = max((s.stored_bytes for s in self.index.shards), default=1)
             self.max_open = max(2, self.cache_limit // max(1, largest))
         self._reset_process_state()
+        self.complete_foreign()
 
     # -- per-process state: rebuilt after fork or unpickling, never shared between processes
     def _reset_process_state(self) -> None:
@@ -138,6 +141,7 @@ class RemoteSource(ShardSource):
 
     def __getstate__(self) -> dict:
         keep = ("remote", "storage", "local", "cache_limit", "prefetch_depth", "index", "_sizes")
+        keep += ("foreign",)
         return {name: self.__dict__[name] for name in keep}
 
     def __setstate__(self, state: dict) -> None:
@@ -178,13 +182,26 @@ class RemoteSource(ShardSource):
             fcntl.flock(self._session, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # another process of this run is alive: share its index
             if path.exists():
-                return parse_index_bytes(path.read_bytes(), str(path))
+                return self._parse_index(path.read_bytes(), str(path))
         data = self.storage.get_bytes(INDEX_NAME)
-        index = parse_index_bytes(data, self.storage.url_of(INDEX_NAME))
+        index = self._parse_index(data, self.storage.url_of(INDEX_NAME))
         old = path.read_bytes() if path.exists() else None
         if data != old:
             self._drop_stale_shards(index, old)
             atomic_write(path, data)
+        return index
+
+    def _parse_index(self, data: bytes, source: str) -> Index:
+        """A native index, or an MDS or LitData one (``self.foreign`` then reads its shards)."""
+        from streamshards.source import read_index
+
+        index, self.foreign = read_index(data, source, self.options)
+        nested = [s.file for s in index.shards if "/" in s.file]
+        if nested:
+            raise IndexFormatError(
+                f"{source}: shard {nested[0]!r} lies in a subfolder; the node cache keeps shards "
+                "in one folder, so read this dataset from a local copy"
+            )
         return index
 
     def _drop_stale_shards(self, index: Index, old_index: bytes | None) -> None:
@@ -351,9 +368,20 @@ class RemoteSource(ShardSource):
     def _fetch(self, info: ShardInfo, required: bool) -> bool:
         """Download one shard unless a verified copy is present; returns False if a prefetch
         found no room. A cached copy damaged on local disk is dropped and fetched again."""
+        try:
+            return self._fetch_locked(info, required)
+        except FileNotFoundError:  # the cache folder was wiped under the download
+            log.warning("cache %s vanished; fetching %s again", self.local, info.file)
+            return self._fetch_locked(info, required)
+
+    def _fetch_locked(self, info: ShardInfo, required: bool) -> bool:
+        """``_fetch`` under the shard's .get lock. A lock file deleted with the cache folder no
+        longer excludes anyone, so the download stops (FileNotFoundError) if that happened,
+        leaving the .part to whoever holds the new lock."""
         target = self.local / info.file
         part = self.local / f".{info.file}.part"
-        with flocked(self._lock_path(info.file, "get"), fcntl.LOCK_EX):
+        lock = self._lock_path(info.file, "get")
+        with flocked(lock, fcntl.LOCK_EX) as fd:
             if target.exists():
                 try:
                     verify_and_mark(target, info)
@@ -362,30 +390,23 @@ class RemoteSource(ShardSource):
                 except ShardError as err:
                     log.warning("cache %s: %s; fetching it again", self.local, err)
                     _unlink_quietly(target)
+            if self.cache_limit is not None:
+                with self._cache_lock():
+                    room = self._scan(evict_to=self.cache_limit - info.stored_bytes)
+                    if not room and not required:
+                        return False
+                    part.touch()  # visible to other processes' accounting from now on
+            _check_held(fd, lock)
             try:
-                return self._download(info, part, target, required)
-            except FileNotFoundError:  # the cache folder was wiped under the download
-                log.warning("cache %s vanished; downloading %s again", self.local, info.file)
-                self.local.mkdir(parents=True, exist_ok=True)
-                return self._download(info, part, target, required)
-
-    def _download(self, info: ShardInfo, part: Path, target: Path, required: bool) -> bool:
-        """Under the shard's .get lock: reserve room, download into ``part``, verify, stamp and
-        rename it into place."""
-        if self.cache_limit is not None:
-            with self._cache_lock():
-                room = self._scan(evict_to=self.cache_limit - info.stored_bytes)
-                if not room and not required:
-                    return False
-                part.touch()  # visible to other processes' accounting from now on
-        try:
-            with open(part, "w+b") as f:
-                download_verified(self.storage, info, f)
-                mark_verified(f.fileno(), info, os.fstat(f.fileno()))
-            os.replace(part, target)
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
+                with open(part, "w+b") as f:
+                    download_verified(self.storage, info, f)
+                    mark_verified(f.fileno(), info, os.fstat(f.fileno()))
+                _check_held(fd, lock)
+                os.replace(part, target)
+            except BaseException:
+                if is_current(fd, lock):
+                    part.unlink(missing_ok=True)
+                raise
         return True
 
     def _prefetch_loop(self) -> None:
@@ -458,6 +479,11 @@ def _close_at_exit(source: weakref.ref) -> None:
     alive = source()
     if alive is not None and alive._pid == os.getpid():
         alive.close(wait=False)
+
+
+def _check_held(fd: int | None, lock: Path) -> None:
+    if not is_current(fd, lock):
+        raise FileNotFoundError(errno.ENOENT, "lock file deleted (cache folder wiped)", str(lock))
 
 
 def _unlink_quietly(path: str | os.PathLike) -> None:

@@ -34,6 +34,15 @@ def open_lock(path: Path) -> int:
     return fd
 
 
+def is_current(fd: int | None, path: Path) -> bool:
+    """Whether ``fd`` is still the lock file at ``path``: false once the file was deleted
+    (and perhaps made again), when its lock no longer excludes processes that open ``path``."""
+    try:
+        return fd is not None and os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 def close_lock(fd: int) -> None:
     """Close a descriptor from ``open_lock``, which releases the locks it held."""
     with _lock_fds_mutex:
