@@ -9,7 +9,6 @@ is presented as a native ``Index`` and its shards as views with ``ShardView``'s 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,12 @@ class ShardSource:
 
         return open_shard(self.path(shard), self.index.shards[shard], self.index)
 
+    def complete_foreign(self) -> None:
+        """Let a foreign reader finish its index from the first shard (an MDS token column's
+        row length); call once the source can serve ``path(0)``."""
+        if self.foreign is not None:
+            self.index = self.foreign.complete(self)
+
     def prefetch(self, shards: list[int]) -> None:
         """Hint that these shards are needed next, in this order; never blocks."""
 
@@ -52,15 +57,9 @@ class ShardSource:
         return 0.0
 
 
-def read_index(
-    text: bytes,
-    source: str,
-    options: dict[str, Any],
-    locate: Callable[[str], Path] | None = None,
-) -> tuple[Index, Any]:
-    """(index, foreign reader or None) of index.json bytes: native, MDS or LitData;
-    ``locate`` maps a shard file name to a local path (see ``load_foreign``)."""
-    foreign = load_foreign(text, source, options, locate)
+def read_index(text: bytes, source: str, options: dict[str, Any]) -> tuple[Index, Any]:
+    """(index, foreign reader or None) of index.json bytes: native, MDS or LitData."""
+    foreign = load_foreign(text, source, options)
     if foreign is not None:
         return foreign.index, foreign
     if options:
@@ -83,9 +82,8 @@ class LocalSource(ShardSource):
         if not path.is_file():  # missing, or not a regular file: the native reader says which
             self.index = load_index(self.folder)
             return
-        self.index, self.foreign = read_index(
-            path.read_bytes(), str(path), options, lambda name: self.folder / name
-        )
+        self.index, self.foreign = read_index(path.read_bytes(), str(path), options)
+        self.complete_foreign()
 
     def path(self, shard: int) -> Path:
         return self.folder / self.index.shards[shard].file

@@ -9,23 +9,24 @@ import mmap
 import os
 import re
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import xxhash
 import zstandard
 
 from streamshards.format import ShardError
-from streamshards.index import IndexFormatError
+from streamshards.index import IndexFormatError, ShardInfo
 
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 # Checked in this order: the first one an index records is the one verified (fastest first).
 HASHES: dict[str, Callable[[Any], str]] = {
-    "xxh3_64": lambda data: xxhash.xxh3_64_hexdigest(data),
-    "xxh64": lambda data: xxhash.xxh64_hexdigest(data),
+    "xxh3_64": xxhash.xxh3_64_hexdigest,
+    "xxh64": xxhash.xxh64_hexdigest,
     "md5": lambda data: hashlib.md5(data).hexdigest(),
     "sha1": lambda data: hashlib.sha1(data).hexdigest(),
 }
@@ -119,6 +120,32 @@ def decompress(data: Any, codec: str, raw_bytes: int | None, name: str) -> bytes
             f"index says {raw_bytes}"
         )
     return raw
+
+
+# Decoders are module-level functions (or partials of them), so codecs pickle into workers.
+def decode_str(b: memoryview) -> str:
+    """UTF-8 text."""
+    return str(b, "utf-8")
+
+
+def decode_scalar(dtype: np.dtype, b: memoryview) -> int | float:
+    """One little-endian number, as a Python int or float."""
+    value = np.frombuffer(b, dtype)[0]
+    return float(value) if dtype.kind == "f" else int(value)
+
+
+def decode_array(dtype: np.dtype, shape: tuple[int, ...] | None, b: memoryview) -> np.ndarray:
+    """Raw values of ``dtype`` (a read-only view), reshaped when ``shape`` is given."""
+    array = np.frombuffer(b, dtype)
+    return array if shape is None else array.reshape(shape)
+
+
+def decode_row(decode: Callable[[memoryview], Any], length: int, b: memoryview) -> np.ndarray:
+    """A 1-D row of exactly ``length`` values, decoded by ``decode``."""
+    value = decode(b)
+    if value.shape != (length,):
+        raise ValueError(f"a row of shape {value.shape}, where the first row has {length}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -291,3 +318,25 @@ class RowView:
         at = starts[:, None] + np.arange(width)[None, :]
         data = np.frombuffer(self.buf, dtype=np.uint8)[at] if n else np.zeros((0, width), np.uint8)
         return data.view(dtype).reshape((n, *shape))
+
+
+def check_file(f: BinaryIO, info: ShardInfo, where: str) -> None:
+    """Raise ShardError unless the open file ``f`` is the foreign shard ``info``: its size, and
+    the hash its index records (``ShardInfo.hash`` is ``ALGO:HEX``, or ``size:N`` without one).
+    A stored size of 0 is unknown (a LitData ``.zstd.bin`` chunk): checked when decompressed."""
+    f.flush()
+    size = os.fstat(f.fileno()).st_size
+    algo, _, expected = info.hash.partition(":")
+    if info.stored_bytes and size != info.stored_bytes:
+        raise ShardError(
+            f"shard {info.file}: {where} is {size} bytes, the index says {info.stored_bytes}"
+        )
+    if algo not in HASHES:
+        return
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else nullcontext(b"") as data:
+        actual = HASHES[algo](data)
+    if actual != expected.lower():
+        raise ShardError(
+            f"shard {info.file}: {where} does not match the index: index says {algo}={expected}, "
+            f"file has {actual}"
+        )

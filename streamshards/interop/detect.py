@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from streamshards.index import FORMAT_NAME
@@ -25,23 +23,16 @@ def index_kind(obj: Any) -> str:
     return "native"  # let the native parser name what is wrong with it
 
 
-def load_foreign(
-    text: bytes,
-    source: str,
-    options: dict[str, Any],
-    locate: Callable[[str], Path] | None = None,
-) -> ForeignFormat | None:
-    """The parsed MDS or LitData index in ``text``, or None when it is (or claims to be) native.
-
-    ``locate`` maps a shard file to a local path, so that the reader may look at the first
-    shard (an MDS token column's row length)."""
+def load_foreign(text: bytes, source: str, options: dict[str, Any]) -> ForeignFormat | None:
+    """The parsed MDS or LitData index in ``text``, or None when it is (or claims to be) native;
+    its source calls ``complete`` once it can reach the first shard."""
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
     kind = index_kind(obj)
     if kind == "mds":
-        return MDSFormat(obj, source, options, locate)
+        return MDSFormat(obj, source, options)
     if kind == "litdata":
         return LitDataFormat(obj, source, options)
     return None

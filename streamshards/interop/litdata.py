@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ from streamshards.index import Index, IndexFormatError, ShardInfo
 from streamshards.interop.common import (
     Codec,
     RowView,
+    decode_array,
+    decode_scalar,
+    decode_str,
     decompress,
     field,
     fingerprint_hash,
@@ -68,18 +72,18 @@ def _numpy_with_header(b: memoryview) -> np.ndarray:
 def leaf_codec(fmt: Any, column: str, where: str) -> Codec:
     """The codec of one litdata leaf ``data_format``."""
     if fmt == "str":
-        return Codec("str", lambda b: str(b, "utf-8"))
+        return Codec("str", decode_str)
     if fmt == "bytes":
         return Codec("bytes", bytes)
     if fmt == "int":
         dt = np.dtype("<i8")
-        return Codec("int64", lambda b: int(np.frombuffer(b, dt)[0]), 8, (dt, ()))
+        return Codec("int64", partial(decode_scalar, dt), 8, (dt, ()))
     if fmt == "float":
         dt = np.dtype("<f8")
-        return Codec("float64", lambda b: float(np.frombuffer(b, dt)[0]), 8, (dt, ()))
+        return Codec("float64", partial(decode_scalar, dt), 8, (dt, ()))
     if isinstance(fmt, str) and fmt.startswith("no_header_numpy:"):
         dt = _dtype(fmt.split(":")[1], column, where)
-        return Codec(f"ndarray:{dt.name}", lambda b: np.frombuffer(b, dt))
+        return Codec(f"ndarray:{dt.name}", partial(decode_array, dt, None))
     if fmt == "numpy":
         # The dtype is stored per item: listed as float64 (docs/INTEROP.md).
         return Codec("ndarray:float64", _numpy_with_header)
@@ -207,6 +211,10 @@ class LitDataFormat:
             provenance["block_size"] = self.block_size
             provenance["leftover_tokens_never_served"] = sum(self.leftover)
         self.index = Index(columns, infos, provenance)
+
+    def complete(self, source: Any) -> Index:
+        """The index: nothing in a LitData dataset needs a look at its chunks first."""
+        return self.index
 
     def open_view(self, path: Path, shard: int) -> RowView | TokensView | ArrowView:
         """Read chunk ``shard`` at ``path`` (decompressing it whole if needed) and view it."""

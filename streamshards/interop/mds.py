@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,10 @@ from streamshards.interop.common import (
     Codec,
     RowView,
     check_hash,
+    decode_array,
+    decode_row,
+    decode_scalar,
+    decode_str,
     decompress,
     field,
     fingerprint_hash,
@@ -80,8 +84,7 @@ def is_mds(obj: Any) -> bool:
 def _scalar(dtype: str) -> Codec:
     dt = np.dtype(dtype)
     native = "float64" if dt.kind == "f" else "int64"
-    cast = float if dt.kind == "f" else int
-    return Codec(native, lambda b: cast(np.frombuffer(b, dt)[0]), dt.itemsize, (dt, ()))
+    return Codec(native, partial(decode_scalar, dt), dt.itemsize, (dt, ()))
 
 
 def _ndarray_codec(spec: str, column: str, where: str) -> Codec:
@@ -103,27 +106,39 @@ def _ndarray_codec(spec: str, column: str, where: str) -> Codec:
     if dtype is not None and shape is not None:
         native = f"ndarray:{dtype.name}:{'x'.join(map(str, shape))}"
         size = math.prod(shape) * dtype.itemsize
-        return Codec(native, lambda b: np.frombuffer(b, dtype).reshape(shape), size, (dtype, shape))
-
-    def decode(b: memoryview) -> np.ndarray:
-        pos = 0
-        dt = dtype
-        if dt is None:
-            dt = np.dtype(_VALUE_DTYPES[b[0]])
-            pos = 1
-        dims = shape
-        if dims is None:
-            byte = b[pos]
-            ndim, shape_dtype = byte >> 2, np.dtype(_SHAPE_DTYPES[byte & 3])
-            dims = tuple(np.frombuffer(b, shape_dtype, count=ndim, offset=pos + 1).tolist())
-            pos += 1 + ndim * shape_dtype.itemsize
-        count = math.prod(dims)
-        if pos + count * dt.itemsize != len(b):
-            raise ValueError(f"ndarray of shape {dims} does not fill its {len(b)} bytes")
-        return np.frombuffer(b, dt, count=count, offset=pos).reshape(dims)
-
+        return Codec(native, partial(decode_array, dtype, shape), size, (dtype, shape))
     # A dtype stored per sample has no single native dtype: listed as float64 (docs/INTEROP.md).
-    return Codec(f"ndarray:{(dtype or np.dtype('<f8')).name}", decode)
+    return Codec(f"ndarray:{(dtype or np.dtype('<f8')).name}", partial(_ndarray, dtype, shape))
+
+
+def _ndarray(dtype: np.dtype | None, shape: tuple[int, ...] | None, b: memoryview) -> np.ndarray:
+    """An MDS ndarray whose dtype (one byte) and/or shape (ndim and shape dtype in one byte,
+    then the dimensions) precede the values."""
+    pos = 0
+    if dtype is None:
+        dtype = np.dtype(_VALUE_DTYPES[b[0]])
+        pos = 1
+    if shape is None:
+        byte = b[pos]
+        ndim, shape_dtype = byte >> 2, np.dtype(_SHAPE_DTYPES[byte & 3])
+        shape = tuple(np.frombuffer(b, shape_dtype, count=ndim, offset=pos + 1).tolist())
+        pos += 1 + ndim * shape_dtype.itemsize
+    count = math.prod(shape)
+    if pos + count * dtype.itemsize != len(b):
+        raise ValueError(f"ndarray of shape {shape} does not fill its {len(b)} bytes")
+    return np.frombuffer(b, dtype, count=count, offset=pos).reshape(shape)
+
+
+def _json(b: memoryview) -> Any:
+    return json.loads(str(b, "utf-8"))
+
+
+def _str_int(b: memoryview) -> int:
+    return int(str(b, "utf-8"))
+
+
+def _str_float(b: memoryview) -> float:
+    return float(str(b, "utf-8"))
 
 
 def _int64_rows(b: memoryview) -> np.ndarray:
@@ -139,17 +154,17 @@ def column_codec(spec: Any, column: str, where: str, options: dict, legacy_token
     if spec in _SCALARS:
         return _scalar(_SCALARS[spec])
     if spec == "str":
-        return Codec("str", lambda b: str(b, "utf-8"))
+        return Codec("str", decode_str)
     if spec == "bytes":
         if legacy_tokens:
             return Codec("ndarray:int64", _int64_rows)
         return Codec("bytes", bytes)
     if spec == "json":
-        return Codec("json", lambda b: json.loads(str(b, "utf-8")))
+        return Codec("json", _json)
     if spec == "str_int":
-        return Codec("int64", lambda b: int(str(b, "utf-8")))
+        return Codec("int64", _str_int)
     if spec == "str_float":
-        return Codec("float64", lambda b: float(str(b, "utf-8")))
+        return Codec("float64", _str_float)
     if spec == "ndarray" or spec.startswith("ndarray:"):
         return _ndarray_codec(spec, column, where)
     if spec == "pkl":
@@ -170,21 +185,11 @@ def column_codec(spec: Any, column: str, where: str, options: dict, legacy_token
 
 
 class MDSFormat:
-    """The parsed MDS index: column codecs and each shard's files and hashes.
-
-    ``locate`` gives the local path of a shard file; with it, token rows are listed with
-    their length (see ``_fix_token_rows``).
-    """
+    """The parsed MDS index: column codecs and each shard's files and hashes."""
 
     kind = "mds"
 
-    def __init__(
-        self,
-        obj: dict,
-        source: str,
-        options: dict,
-        locate: Callable[[str], Path] | None = None,
-    ):
+    def __init__(self, obj: dict, source: str, options: dict):
         unknown = set(options) - {PKL_OPTION}
         if unknown:
             raise ValueError(f"{source}: unknown option(s) for an MDS dataset: {sorted(unknown)}")
@@ -271,19 +276,26 @@ class MDSFormat:
             "hashes": sorted({a for h in self.hashes + self.raw_hashes for a in h if a in HASHES}),
         }
         self.index = Index(columns, infos, provenance)
-        if locate is not None and infos[0].samples:
-            self._fix_token_rows(locate(infos[0].file))
 
-    def _fix_token_rows(self, first: Path) -> None:
-        """List an LLM Foundry ``tokens`` column of 1-D integer rows as fixed-length rows, the
-        length of the first shard's first row; a row of another length is an error on read."""
+    def complete(self, source: Any) -> Index:
+        """The index once the first shard (``source.path(0)``) has been seen: an LLM Foundry
+        ``tokens`` column of 1-D integer rows is listed as rows of the first row's length (a
+        row of another length is an error on read)."""
         k = self.names.index(TOKENS) if TOKENS in self.names else -1
         codec = self.codecs[k] if k >= 0 else None
         if codec is None or codec.size is not None or not codec.native.startswith("ndarray:"):
-            return
+            return self.index
         dtype = np.dtype(codec.native.split(":")[1])
-        if dtype.kind not in "iu":
-            return
+        if dtype.kind not in "iu" or not self.index.shards[0].samples:
+            return self.index
+        try:
+            self._list_row_length(k, dtype, source.path(0))
+        finally:
+            source.release(0)
+        return self.index
+
+    def _list_row_length(self, k: int, dtype: np.dtype, first: Path) -> None:
+        codec = self.codecs[k]
         view = self.open_view(first, 0)
         row = view.value(k, 0)
         if row.ndim != 1 or row.dtype != dtype:
@@ -291,13 +303,8 @@ class MDSFormat:
         length = len(row)
         skip = int(view.sizes[0, k]) - length * dtype.itemsize
 
-        def decode(b: memoryview) -> np.ndarray:
-            value = codec.decode(b)
-            if value.shape != (length,):
-                raise ValueError(f"a row of shape {value.shape}, the first row has {length}")
-            return value
-
         native = f"ndarray:{dtype.name}:{length}"
+        decode = partial(decode_row, codec.decode, length)
         self.codecs[k] = Codec(native, decode, None, (dtype, (length,)), skip)
         columns = dict(self.index.columns)
         columns[TOKENS] = native

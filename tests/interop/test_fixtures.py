@@ -108,3 +108,21 @@ def test_foreign_and_native_streams_mix(tmp_path):
     assert seen == sorted(
         [s["n"] for s in expected("mds_merged")["samples"]] + list(range(1000, 1010))
     )
+
+
+@pytest.mark.parametrize("name", ["mds_types", "litdata_pytree_zstd"])
+def test_spawned_loader_workers_read_foreign_shards(name):
+    """The foreign readers pickle into spawned worker processes and read the same samples."""
+    import multiprocessing
+
+    from streamshards import StreamingDataLoader
+
+    ds = open_fixture(name, batch_size=4)
+    context = multiprocessing.get_context("spawn")
+    loader = StreamingDataLoader(ds, num_workers=2, multiprocessing_context=context)
+    got = [
+        comparable(name, {k: v[i] for k, v in batch.items()})
+        for batch in loader
+        for i in range(len(next(iter(batch.values()))))
+    ]
+    assert got == expected_samples(name)
