@@ -40,13 +40,23 @@ class ForeignConvertResult:
 
 
 def is_foreign(dataset: str | os.PathLike) -> bool:
-    """Whether ``dataset`` is a local folder holding an MDS or LitData index.json."""
-    folder = Path(str(dataset).removeprefix("file://"))
-    if "://" in str(dataset).removeprefix("file://") or not (folder / INDEX_NAME).is_file():
-        return False
+    """Whether ``dataset`` (a folder or an s3:// or gs:// prefix) holds an MDS or LitData
+    index.json; a URL without an index.json (input files, say) is not one."""
+    text = str(dataset).removeprefix("file://")
     try:
-        return index_kind(json.loads((folder / INDEX_NAME).read_bytes())) != "native"
-    except ValueError:
+        if "://" in text:
+            if any(c in text for c in "*?["):
+                return False
+            from streamshards.storage import open_storage
+
+            data = open_storage(text).get_bytes(INDEX_NAME)
+        else:
+            path = Path(text) / INDEX_NAME
+            if not path.is_file():
+                return False
+            data = path.read_bytes()
+        return index_kind(json.loads(data)) != "native"
+    except (OSError, ValueError, ImportError):
         return False
 
 

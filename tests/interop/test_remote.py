@@ -61,3 +61,19 @@ def test_remote_merged_subfolders_are_refused(s3_bucket, tmp_path):
     url = publish("mds_merged", s3_bucket)
     with pytest.raises(IndexFormatError, match="subfolder"):
         StreamingDataset(remote=url, local=str(tmp_path / "cache"))
+
+
+def test_convert_a_remote_foreign_dataset(s3_bucket, tmp_path):
+    from click.testing import CliRunner
+
+    from streamshards.cli import main
+
+    url = publish("mds_tokens_bytes_int64", s3_bucket)
+    out = str(tmp_path / "out")
+    result = CliRunner().invoke(main, ["convert", url, out])
+    assert result.exit_code == 0, result.output
+    ds = StreamingDataset(local=out)
+    assert ds.columns == {"tokens": "ndarray:uint16:129"}
+    name = "mds_tokens_bytes_int64"
+    assert [comparable(name, ds[i]) for i in range(len(ds))] == expected_samples(name)
+    assert ds.sources[0].index.provenance["converted_from"]["source"] == url
