@@ -8,6 +8,7 @@ import math
 import mmap
 import os
 import re
+import stat
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -67,17 +68,25 @@ def fingerprint_hash(hashes: dict, size: int) -> str:
 
 
 def map_file(path: Path, name: str, size: int | None) -> bytes | mmap.mmap:
-    """Memory-map a shard file read-only after checking that it has the size the index says."""
+    """Memory-map a shard file read-only after checking that it is a regular file of the size
+    the index says (opened non-blocking: a FIFO in a shard's place never blocks)."""
     try:
-        actual = os.path.getsize(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ShardError(f"shard {name}: file {path} is missing") from None
-    if size is not None and actual != size:
-        raise ShardError(f"shard {name}: file is {actual} bytes, index says {size} (truncated?)")
-    if actual == 0:
-        return b""
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as err:
+        raise ShardError(f"shard {name}: cannot open {path}: {err.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ShardError(f"shard {name}: {path} is not a regular file")
+        if size is not None and st.st_size != size:
+            raise ShardError(
+                f"shard {name}: file is {st.st_size} bytes, index says {size} (truncated?)"
+            )
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else b""
+    finally:
+        os.close(fd)
 
 
 def check_hash(data: Any, hashes: dict, name: str) -> None:
@@ -170,49 +179,48 @@ def item_table(
     """(starts, sizes), each (rows, columns), of rows whose bytes begin with a u32 size per
     column in ``headed`` and then hold the columns back to back; checked against ``offsets``."""
     rows = len(offsets) - 1
-    fixed = np.array([c.size or 0 for c in codecs], dtype=np.int64)
-    sizes = np.broadcast_to(fixed, (rows, len(codecs))).copy()
-    begin = offsets[:-1].astype(np.int64)
-    lengths = np.diff(offsets.astype(np.int64))
+    begin = offsets[:-1]
+    lengths = offsets[1:] - begin
     head = 4 * len(headed)
-    if rows and np.any(lengths < head):
+    if rows and lengths.min() < head:
         j = int(np.argmax(lengths < head))
         raise ShardError(f"shard {name}: sample {j} is {lengths[j]} bytes, shorter than its header")
+    sizes = np.empty((rows, len(codecs)), dtype=np.int64)
+    sizes[:] = [c.size or 0 for c in codecs]
     if headed and rows:
-        words = np.frombuffer(buf, dtype=np.uint8)
-        at = begin[:, None] + 4 * np.arange(len(headed))[None, :]
-        raw = words[at[..., None] + np.arange(4)].copy().view("<u4")[..., 0]
-        sizes[:, headed] = raw
-    starts = begin[:, None] + head + np.cumsum(sizes, axis=1) - sizes
-    bad = sizes.sum(axis=1) + head != lengths
-    if np.any(bad):
-        j = int(np.argmax(bad))
+        at = begin[:, None] + np.arange(head)[None, :]
+        sizes[:, headed] = np.frombuffer(buf, dtype=np.uint8)[at].view("<u4")
+    ends = np.cumsum(sizes, axis=1)
+    starts = ends - sizes
+    starts += (begin + head)[:, None]
+    if rows and not np.array_equal(ends[:, -1] + head, lengths):
+        j = int(np.argmax(ends[:, -1] + head != lengths))
         raise ShardError(
-            f"shard {name}: sample {j}'s column sizes add up to {int(sizes[j].sum()) + head} "
+            f"shard {name}: sample {j}'s column sizes add up to {int(ends[j, -1]) + head} "
             f"bytes, its offsets give {int(lengths[j])}"
         )
-    for k, codec in enumerate(codecs):
-        if codec.size is not None and k in headed and rows and np.any(sizes[:, k] != codec.size):
-            raise ShardError(f"shard {name}: column {k} has a size other than {codec.size}")
+    for k in headed:
+        size = codecs[k].size
+        if size is not None and rows and np.any(sizes[:, k] != size):
+            raise ShardError(f"shard {name}: column {k} has a size other than {size}")
     return starts, sizes
 
 
-def read_offsets(buf: Any, count: int, name: str, end: int | None = None) -> np.ndarray:
-    """The u32 sample count and ``count + 1`` u32 offsets a chunk or shard starts with."""
+def read_offsets(buf: Any, count: int, name: str) -> np.ndarray:
+    """The ``count + 1`` u32 offsets that follow a chunk's or shard's u32 sample count."""
     size = len(buf)
-    if size < 4 or size < 4 * (count + 2):
+    if size < 4 * (count + 2):
         raise ShardError(f"shard {name}: {size} bytes cannot hold a header of {count} samples")
-    (stored,) = np.frombuffer(buf, dtype="<u4", count=1)
-    if int(stored) != count:
-        raise ShardError(f"shard {name}: header says {int(stored)} samples, index says {count}")
-    offsets = np.frombuffer(buf, dtype="<u4", count=count + 1, offset=4).astype(np.int64)
-    limit = size if end is None else end
-    if offsets[0] < 4 * (count + 2) or np.any(np.diff(offsets) < 0):
+    header = np.frombuffer(buf, dtype="<u4", count=count + 2).astype(np.int64)
+    if header[0] != count:
+        raise ShardError(f"shard {name}: header says {int(header[0])} samples, index says {count}")
+    offsets = header[1:]
+    if offsets[0] < 4 * (count + 2) or (count and (offsets[1:] < offsets[:-1]).any()):
         raise ShardError(f"shard {name}: sample offsets are not increasing from the header's end")
-    if offsets[-1] > limit:
+    if offsets[-1] > size:
         raise ShardError(
             f"shard {name}: sample offsets reach byte {int(offsets[-1])}, past the file's "
-            f"{limit} bytes"
+            f"{size} bytes"
         )
     return offsets
 
@@ -303,16 +311,19 @@ class RowView:
         n = self.num_samples
         codec = self.codecs[col]
         width = dtype.itemsize * math.prod(shape)
-        wrong = self.sizes[:, col] != codec.skip + width
-        if np.any(wrong):
-            j = int(np.argmax(wrong))
-            raise ShardError(
-                f"shard {self.name}: column {self.names[col]!r} of sample {j} is not one "
-                f"{dtype} array of shape {shape}, as its first sample is"
-            )
-        starts = self.starts[:, col] + codec.skip
+        if codec.size is None:  # rows the format lets vary in size: each must be one row
+            wrong = self.sizes[:, col] != codec.skip + width
+            if wrong.any():
+                j = int(np.argmax(wrong))
+                raise ShardError(
+                    f"shard {self.name}: column {self.names[col]!r} of sample {j} is not one "
+                    f"{dtype} array of shape {shape}, as its first sample is"
+                )
+        starts = self.starts[:, col]
+        if codec.skip:
+            starts = starts + codec.skip
         step = int(starts[1] - starts[0]) if n > 1 else width
-        if n and np.all(np.diff(starts) == step) and step >= width:
+        if n and step >= width and (n < 3 or (starts[2:] - starts[1:-1] == step).all()):
             inner = [dtype.itemsize * math.prod(shape[k + 1 :]) for k in range(len(shape))]
             return np.ndarray((n, *shape), dtype, self.buf, int(starts[0]), (step, *inner))
         at = starts[:, None] + np.arange(width)[None, :]
