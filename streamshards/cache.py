@@ -43,7 +43,13 @@ from streamshards.index import (
 from streamshards.source import ShardSource
 from streamshards.storage import Progress, RetryPolicy, Storage, open_storage
 from streamshards.storage.flock import close_lock, flocked, is_current, open_lock
-from streamshards.verify import check_shard, is_verified, mark_verified, verify_and_mark
+from streamshards.verify import (
+    check_shard,
+    is_verified,
+    mark_verified,
+    settle,
+    verify_and_mark,
+)
 from streamshards.writer import parse_size
 
 log = logging.getLogger("streamshards.cache")
@@ -400,7 +406,7 @@ class RemoteSource(ShardSource):
             try:
                 with open(part, "w+b") as f:
                     download_verified(self.storage, info, f)
-                    mark_verified(f.fileno(), info, os.fstat(f.fileno()))
+                    mark_verified(f.fileno(), info, settle(f.fileno()))
                 _check_held(fd, lock)
                 os.replace(part, target)
             except BaseException:

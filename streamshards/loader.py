@@ -112,6 +112,7 @@ class StreamingDataLoader(DataLoader):
         global_batch = dataset.batch_size * world_size
         end = dataset.epoch_end()
         self._batches.cursor = self.cursor
+        dataset.order(self.cursor.epoch)  # built once here; forked workers inherit it
         batches = (
             batch
             for item in super().__iter__()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from streamshards.format import ShardError, ShardView, decompress, stored_hash
 from streamshards.index import Index, NotRegularFileError, ShardInfo, open_regular
+from streamshards.verify import is_verified, mark_verified, mismatch
 
 
 def open_shard(path: Path, info: ShardInfo, index: Index) -> ShardView:
@@ -32,13 +33,14 @@ def open_shard(path: Path, info: ShardInfo, index: Index) -> ShardView:
                 f"{info.stored_bytes} (truncated or replaced?)"
             )
         data = b"" if size == 0 else mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        if not is_verified(fd, info):  # a stamped file was hashed by an earlier reader
+            checked = os.fstat(fd)
+            actual = stored_hash(data)
+            if actual != info.hash:
+                raise ShardError(f"shard {info.file}: {mismatch(info, str(path), size, actual)}")
+            mark_verified(fd, info, checked)
     finally:
         os.close(fd)
-    actual = stored_hash(data)
-    if actual != info.hash:
-        raise ShardError(
-            f"shard {info.file}: hash mismatch: index says xxh3_64={info.hash}, file has {actual}"
-        )
     raw = data if info.compression is None else decompress(data, info.raw_bytes, info.file)
     if info.compression is None and len(raw) != info.raw_bytes:
         raise ShardError(

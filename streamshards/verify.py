@@ -14,12 +14,15 @@ import errno
 import mmap
 import os
 import stat
+import time
 from typing import BinaryIO
 
 from streamshards.format import ShardError, stored_hash
 from streamshards.index import ShardInfo
 
 STAMP_ATTR = "user.streamshards.verified"
+# How long a file must have been left unchanged before it is stamped (see mark_verified).
+SETTLE_NS = 2_000_000_000
 
 
 def file_hash(f: BinaryIO) -> str:
@@ -95,16 +98,31 @@ def mark_verified(
 ) -> None:
     """Record that ``path`` (or an open descriptor) matched ``info`` when its stat was
     ``checked`` (taken before the check, so a write during it voids the stamp); a no-op where
-    the file system has no user extended attributes."""
+    the file system has no user extended attributes. A file changed in the last
+    ``SETTLE_NS`` is not stamped: file times tick coarsely, so a write in the same tick as the
+    check could leave the stamped mtime in place."""
+    checked = checked or os.stat(path)
+    if time.time_ns() - checked.st_mtime_ns < SETTLE_NS:
+        return
     try:
-        os.setxattr(path, STAMP_ATTR, _stamp(checked or os.stat(path), info))
+        os.setxattr(path, STAMP_ATTR, _stamp(checked, info))
     except OSError as err:
         if err.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.EROFS):
             raise
 
 
-def is_verified(path: str | os.PathLike, info: ShardInfo) -> bool:
-    """Whether ``path`` carries a stamp for ``info`` that its current size and mtime still match.
+def settle(fd: int) -> os.stat_result:
+    """Set the mtime of a file this process has just written and checked ``SETTLE_NS`` into
+    the past, so that it can be stamped at once; any later write moves it to the present.
+    Only for files the caller owns (the node cache's downloads)."""
+    st = os.fstat(fd)
+    os.utime(fd, ns=(st.st_atime_ns, time.time_ns() - 2 * SETTLE_NS))
+    return os.fstat(fd)
+
+
+def is_verified(path: str | os.PathLike | int, info: ShardInfo) -> bool:
+    """Whether ``path`` (or an open descriptor) carries a stamp for ``info`` that its current
+    size and mtime still match.
 
     Costs one stat and one getxattr, never a read of the file.
     """

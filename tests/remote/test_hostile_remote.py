@@ -26,7 +26,7 @@ from streamshards.format import ShardError, stored_hash
 from streamshards.index import load_index
 from streamshards.storage import open_storage
 from streamshards.transfer import RemoteWriter, download, upload, verify_remote
-from streamshards.verify import check_shard, is_verified, verify_and_mark
+from streamshards.verify import SETTLE_NS, check_shard, is_verified, verify_and_mark
 
 NEW = 100_000  # sample ids of the "new version" of a dataset
 
@@ -162,6 +162,10 @@ def test_one_shard_check_refuses_what_is_not_the_shard_without_hanging(dataset, 
     info = load_index(dataset).shards[0]
     copy = tmp_path / info.file
     shutil.copy(dataset / info.file, copy)
+    verify_and_mark(copy, info)
+    assert not is_verified(copy, info)  # just written: a write in the same clock tick could follow
+    settled = time.time_ns() - 2 * SETTLE_NS
+    os.utime(copy, ns=(settled, settled))
     verify_and_mark(copy, info)
     assert is_verified(copy, info)
     data = bytearray(copy.read_bytes())
