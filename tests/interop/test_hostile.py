@@ -151,3 +151,32 @@ def test_hostile_index_fields(fixture_copy, name, change, message):
     edit_index(folder, change)
     with pytest.raises(IndexFormatError, match=message):
         read_all(folder)
+
+
+def test_token_row_of_another_length(fixture_copy):
+    """Rows are listed with the first row's length; a longer one is an error naming both."""
+    folder = fixture_copy("mds_tokens_bytes_int64")  # no hashes: only the layout checks it
+    shard = folder / "shard.00000.mds"
+    data = bytearray(shard.read_bytes())
+    offsets = list(struct.unpack_from("<32I", data, 4))
+    offsets[2] += 8  # sample 1 takes 8 more bytes (one more id), sample 2 eight fewer
+    struct.pack_into("<I", data, 4 + 4 * 2, offsets[2])
+    struct.pack_into("<I", data, offsets[1], offsets[2] - offsets[1] - 4)
+    struct.pack_into("<I", data, offsets[2], offsets[3] - offsets[2] - 4)
+    shard.write_bytes(bytes(data))
+    ds = StreamingDataset(local=str(folder), batch_size=4)
+    assert ds.columns == {"tokens": "ndarray:int64:129"}
+    with pytest.raises(ShardError, match=r"shard shard.00000.mds: column 'tokens' of sample 1"):
+        list(ds.iter_batches())
+    with pytest.raises(ShardError, match=r"shard shard.00000.mds: .*shape \(130,\)"):
+        ds[1]
+
+
+def test_a_fifo_in_a_shards_place_is_refused(fixture_copy):
+    import os
+
+    folder = fixture_copy("mds_text")
+    (folder / "shard.00001.mds").unlink()
+    os.mkfifo(folder / "shard.00001.mds")
+    with pytest.raises(ShardError, match=r"shard shard.00001.mds: .* not a regular file"):
+        read_all(folder)
