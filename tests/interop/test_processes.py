@@ -48,7 +48,7 @@ def test_exactly_once_over_ranks_and_workers(tmp_path, name):
             assert got == sequence, f"{world} ranks, {workers} workers: another global sequence"
 
 
-@pytest.mark.parametrize("name", ["mds_text", "litdata_tokens"])
+@pytest.mark.parametrize("name", ["mds_text"])
 def test_resume_equals_uninterrupted(tmp_path, name):
     """A state saved mid-epoch and loaded in a new process yields the remaining batches."""
     common = ["--batch", "4", "--world", "2", "--epochs", "2"]
