@@ -142,9 +142,15 @@ class LitDataFormat:
                 f"{where}: item_loader {self.loader!r} is not supported "
                 "(PyTreeLoader and TokensLoader are)"
             )
-        self.compression = config.get("compression")
+        compression = config.get("compression")
+        self.compression = str(compression).split(":")[0] if compression else None
         if self.compression not in (None, "zstd"):
-            raise IndexFormatError(f"{where}: compression {self.compression!r} is not supported")
+            raise IndexFormatError(f"{where}: compression {compression!r} is not supported")
+        if self.compression and config.get("compression_level") not in (None, "chunk", "batch"):
+            raise IndexFormatError(
+                f"{where}: compression_level {config.get('compression_level')!r} is not supported"
+                " (whole-chunk 'chunk' and framed 'batch' are)"
+            )
         formats = field(config, "data_format", list, where)
         if not formats:
             raise IndexFormatError(f"{where}: data_format is empty")
@@ -244,29 +250,36 @@ class LitDataFormat:
 
 
 def _unframe(data: Any, items: int, name: str) -> tuple[bytes, np.ndarray]:
-    """Decompress a framed-zstd chunk: header, item offsets, frame table, zstd frames."""
-    head = struct.Struct("<8sIIII")
+    """Decompress a framed-zstd chunk: magic, u16 version, u16 flags, u32 items, u32 items per
+    frame, u32 frames, ``items + 1`` u32 offsets into the concatenated item bytes, then per
+    frame (u32 first item, u32 items, u64 file offset, u32 stored and u32 raw size)."""
+    head = struct.Struct("<8sHHIII")
     if len(data) < head.size:
         raise ShardError(f"shard {name}: framed chunk shorter than its header")
-    _, _, count, _, frames = head.unpack_from(data, 0)
+    _, version, _, count, _, frames = head.unpack_from(data, 0)
+    if version != 1:
+        raise ShardError(f"shard {name}: framed chunk version {version} is not supported (1 is)")
     if count != items:
         raise ShardError(f"shard {name}: header says {count} items, index says {items}")
     table = head.size + 4 * (count + 1)
     if table + 24 * frames > len(data):
         raise ShardError(f"shard {name}: frame table runs past the file's {len(data)} bytes")
     offsets = np.frombuffer(data, "<u4", count=count + 1, offset=head.size).astype(np.int64)
-    if np.any(np.diff(offsets) < 0):
-        raise ShardError(f"shard {name}: item offsets are not increasing")
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        raise ShardError(f"shard {name}: item offsets are not increasing from 0")
     parts = []
+    done = 0
     for k in range(frames):
-        _, _, pos, stored, raw = struct.unpack_from("<IIQII", data, table + 24 * k)
-        if pos + stored > len(data):
-            raise ShardError(f"shard {name}: frame {k} runs past the file's {len(data)} bytes")
+        first, rows, pos, stored, raw = struct.unpack_from("<IIQII", data, table + 24 * k)
+        if first != done or first + rows > count:
+            raise ShardError(f"shard {name}: frame {k} holds items {first}.., expected {done}..")
+        if offsets[first + rows] - offsets[first] != raw or pos + stored > len(data):
+            raise ShardError(f"shard {name}: frame {k}'s sizes disagree with the item offsets")
         parts.append(decompress(memoryview(data)[pos : pos + stored], "zstd", raw, name))
-    raw = b"".join(parts)
-    if len(raw) != offsets[-1]:
-        raise ShardError(f"shard {name}: frames hold {len(raw)} bytes, offsets say {offsets[-1]}")
-    return raw, offsets
+        done += rows
+    if done != count:
+        raise ShardError(f"shard {name}: frames hold {done} items, the header says {count}")
+    return b"".join(parts), offsets
 
 
 class TokensView:

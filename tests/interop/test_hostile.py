@@ -180,3 +180,15 @@ def test_a_fifo_in_a_shards_place_is_refused(fixture_copy):
     os.mkfifo(folder / "shard.00001.mds")
     with pytest.raises(ShardError, match=r"shard shard.00001.mds: .* not a regular file"):
         read_all(folder)
+
+
+def test_framed_zstd_chunk_with_a_bad_frame_table(fixture_copy):
+    folder = fixture_copy("litdata_pytree_zstd")
+    chunk = folder / "chunk-0-0.bin"
+    data = bytearray(chunk.read_bytes())
+    table = 24 + 4 * (8 + 1)  # header, then 9 offsets of 8 items
+    (raw,) = struct.unpack_from("<I", data, table + 20)
+    struct.pack_into("<I", data, table + 20, raw + 100)
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard chunk-0-0.bin: frame 0's sizes disagree"):
+        read_all(folder)
