@@ -20,7 +20,7 @@ import xxhash
 import zstandard
 
 from streamshards.format import ShardError
-from streamshards.index import IndexFormatError, ShardInfo
+from streamshards.index import MAX_SAMPLES, IndexFormatError, ShardInfo
 
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
@@ -56,7 +56,16 @@ def field(obj: dict, key: str, kind: type | tuple, where: str, optional: bool = 
         raise IndexFormatError(f"{where}: field {key!r} has type {type(value).__name__}")
     if isinstance(value, int) and value < 0:
         raise IndexFormatError(f"{where}: field {key!r} is negative ({value})")
+    if isinstance(value, int) and value > MAX_SAMPLES:
+        raise IndexFormatError(f"{where}: field {key!r} is {value}, more than 2**63 - 1")
     return value
+
+
+def check_total(infos: list[ShardInfo], source: str) -> list[ShardInfo]:
+    """Refuse an index whose shards hold more samples than sample ids can count."""
+    if sum(info.samples for info in infos) > MAX_SAMPLES:
+        raise IndexFormatError(f"{source}: the shards hold more than 2**63 - 1 samples in all")
+    return infos
 
 
 def fingerprint_hash(hashes: dict, size: int) -> str:

@@ -23,6 +23,7 @@ from streamshards.index import Index, IndexFormatError, ShardInfo
 from streamshards.interop.common import (
     Codec,
     RowView,
+    check_total,
     decode_array,
     decode_scalar,
     decode_str,
@@ -216,7 +217,7 @@ class LitDataFormat:
         if self.loader == "TokensLoader":
             provenance["block_size"] = self.block_size
             provenance["leftover_tokens_never_served"] = sum(self.leftover)
-        self.index = Index(columns, infos, provenance)
+        self.index = Index(columns, check_total(infos, source), provenance)
 
     def complete(self, source: Any) -> Index:
         """The index: nothing in a LitData dataset needs a look at its chunks first."""

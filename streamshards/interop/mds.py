@@ -23,6 +23,7 @@ from streamshards.interop.common import (
     Codec,
     RowView,
     check_hash,
+    check_total,
     decode_array,
     decode_row,
     decode_scalar,
@@ -275,7 +276,7 @@ class MDSFormat:
             "encodings": dict(zip(self.names, encodings)),
             "hashes": sorted({a for h in self.hashes + self.raw_hashes for a in h if a in HASHES}),
         }
-        self.index = Index(columns, infos, provenance)
+        self.index = Index(columns, check_total(infos, source), provenance)
 
     def complete(self, source: Any) -> Index:
         """The index once the first shard (``source.path(0)``) has been seen: an LLM Foundry

@@ -192,3 +192,19 @@ def test_framed_zstd_chunk_with_a_bad_frame_table(fixture_copy):
     chunk.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"shard chunk-0-0.bin: frame 0's sizes disagree"):
         read_all(folder)
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [("mds_text", ("shards", "samples")), ("litdata_text", ("chunks", "chunk_size"))],
+)
+def test_sample_counts_past_what_ids_can_count(fixture_copy, name, path):
+    folder = fixture_copy(name)
+
+    def change(obj):
+        obj[path[0]][0][path[1]] = 2**62
+        obj[path[0]][1][path[1]] = 2**62
+
+    edit_index(folder, change)
+    with pytest.raises(IndexFormatError, match=r"2\*\*63 - 1"):
+        read_all(folder)
