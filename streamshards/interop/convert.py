@@ -56,7 +56,7 @@ def is_foreign(dataset: str | os.PathLike) -> bool:
                 return False
             data = path.read_bytes()
         return index_kind(json.loads(data)) != "native"
-    except (OSError, ValueError, ImportError):
+    except (OSError, ValueError, ImportError, RecursionError):
         return False
 
 
