@@ -24,7 +24,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from streamshards.columns import ColumnType, decode
+from streamshards.columns import ColumnType
 
 MAGIC = b"SSHARD01"
 ALIGN = 64
@@ -77,7 +77,7 @@ def shard_chunks(columns: list[tuple[ColumnType, list[bytes]]], num_samples: int
 
 
 def build_shard(columns: list[tuple[ColumnType, list[bytes]]], num_samples: int) -> bytes:
-    """One raw (uncompressed) shard as bytes."""
+    """One raw (uncompressed) shard as bytes, for building test shards by hand."""
     return b"".join(shard_chunks(columns, num_samples))
 
 
@@ -109,13 +109,6 @@ def write_shard(path: Path, chunks: list[bytes], level: int | None) -> tuple[int
         f.flush()
         os.fsync(f.fileno())
     return raw_bytes, stored, digest.hexdigest()
-
-
-def compress(raw: bytes, level: int | None) -> bytes:
-    """zstd-compress a raw shard (with content size and checksum), or return it as is."""
-    if level is None:
-        return raw
-    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(raw)
 
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -285,14 +278,12 @@ class ShardView:
         """Decode column ``col`` of sample ``j`` (0-based within this shard)."""
         c = self.columns[col]
         if c.offsets is None:
-            if c.ctype.kind == "ndarray":
-                return self.fixed_array(col)[j]
             size = c.ctype.fixed_size
             start = c.data_pos + j * size
-            return decode(self.buf[start : start + size], c.ctype)
+            return c.ctype.decode(self.buf[start : start + size])
         start, end = c.offsets[j : j + 2].tolist()
         try:
-            return decode(self.buf[c.data_pos + start : c.data_pos + end], c.ctype)
+            return c.ctype.decode(self.buf[c.data_pos + start : c.data_pos + end])
         except (ValueError, OverflowError, RecursionError) as err:
             raise self._bad_value(col, f"sample {j}", err) from None
 
@@ -301,11 +292,8 @@ class ShardView:
         c = self.columns[col]
         starts = (c.offsets[rows] + c.data_pos).tolist()
         ends = (c.offsets[rows + 1] + c.data_pos).tolist()
-        buf = self.buf
         try:
-            if c.ctype.kind == "str":
-                return [str(buf[a:b], "utf-8") for a, b in zip(starts, ends)]
-            return [decode(buf[a:b], c.ctype) for a, b in zip(starts, ends)]
+            return c.ctype.decode_many(self.buf, starts, ends)
         except (ValueError, OverflowError, RecursionError) as err:
             raise self._bad_value(col, "in a batch", err) from None
 
