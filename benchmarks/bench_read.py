@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import mmap
+import pickle
 import tempfile
 import time
 from functools import partial
@@ -25,6 +26,7 @@ import numpy as np
 
 from streamshards import ShardWriter, StreamingDataLoader, StreamingDataset, load_index
 from streamshards.format import stored_hash
+from streamshards.loader import RUN_SAMPLES
 
 SEQ = 2048
 
@@ -94,10 +96,22 @@ def zstd_limit(folder: Path) -> float:
     return time.perf_counter() - started
 
 
+def pickle_limit(folder: Path, batch: int) -> float:
+    """Seconds to pickle and unpickle every sample's decoded columns, in runs of about
+    ``RUN_SAMPLES``: the floor of handing decoded samples across a process boundary."""
+    dataset = StreamingDataset(local=folder, batch_size=batch)
+    runs = list(dataset.iter_batches(join=max(1, RUN_SAMPLES // batch)))
+    started = time.perf_counter()
+    for run in runs:
+        pickle.loads(pickle.dumps(run, protocol=pickle.HIGHEST_PROTOCOL))
+    return time.perf_counter() - started
+
+
 def epoch(
     folder: Path, shuffle: bool, workers: int | None, batch: int, warm: bool = False
-) -> tuple[float, int]:
-    """(seconds, samples) for one epoch; ``workers=None`` reads in-process, no DataLoader.
+) -> tuple[float, int, float]:
+    """(seconds, samples, seconds to the first batch) for one epoch; ``workers=None`` reads
+    in-process, no DataLoader.
 
     ``warm`` times a dataset's second epoch: its shards are then open and verified, as they
     are for most of a long run.
@@ -108,10 +122,12 @@ def epoch(
             pass
     started = time.perf_counter()
     samples = 0
+    first = None
     batches = dataset.iter_batches() if workers is None else StreamingDataLoader(dataset, workers)
     for item in batches:
         samples += len(next(iter(item.values())))
-    return time.perf_counter() - started, samples
+        first = first or time.perf_counter() - started
+    return time.perf_counter() - started, samples, first or 0.0
 
 
 # row label: (workers, warm) as ``epoch`` takes them
@@ -152,32 +168,46 @@ def main() -> None:
                     "-",
                     index.num_samples / limit,
                     index.stored_bytes / 1e6 / limit,
+                    None,
                 )
             )
             verify = min(verify_time(folder) for _ in range(args.repeat))
             rate = index.num_samples / verify
-            rows.append((name, "xxh3 verify alone", "=", rate, index.stored_bytes / 1e6 / verify))
+            rows.append(
+                (name, "xxh3 verify alone", "=", rate, index.stored_bytes / 1e6 / verify, None)
+            )
             if index.shards[0].compression:
                 unzstd = min(zstd_limit(folder) for _ in range(args.repeat))
                 rate = index.num_samples / unzstd
-                rows.append((name, "zstd alone (limit)", "+", rate, raw_mb / unzstd))
+                rows.append((name, "zstd alone (limit)", "+", rate, raw_mb / unzstd, None))
+            if name != "tokens":  # token batches cross processes as shared-memory tensors
+                ipc = min(pickle_limit(folder, args.batch) for _ in range(args.repeat))
+                rate = index.num_samples / ipc
+                rows.append((name, "pickle round trip", "=", rate, raw_mb / ipc, None))
             for shuffle in (False, True):
                 for how, (workers, warm) in MODES.items():
                     runs = [
                         epoch(folder, shuffle, workers, args.batch, warm)
                         for _ in range(args.repeat)
                     ]
-                    assert all(samples == index.num_samples for _, samples in runs)
-                    seconds = min(t for t, _ in runs)  # the run least disturbed by other work
+                    assert all(samples == index.num_samples for _, samples, _ in runs)
+                    seconds = min(t for t, _, _ in runs)  # the run least disturbed by other work
+                    first = min(f for _, _, f in runs)
                     rate = index.num_samples / seconds
-                    rows.append((name, how, "on" if shuffle else "off", rate, raw_mb / seconds))
-    print(f"{'data':<9} {'how':<22} {'shuffle':<8} {'samples/s':>12} {'MB/s':>9} {'of limit':>9}")
+                    rows.append(
+                        (name, how, "on" if shuffle else "off", rate, raw_mb / seconds, first)
+                    )
+    print(
+        f"{'data':<9} {'how':<22} {'shuffle':<8} {'samples/s':>12} {'MB/s':>9} {'of limit':>9} "
+        f"{'1st batch s':>12}"
+    )
     print("(of limit: against the tightest limit row of the same data)")
     limits = {r[0]: r[3] for r in rows if r[2] in ("-", "+")}
-    for data, how, shuffle, rate, mbps in rows:
+    for data, how, shuffle, rate, mbps, first in rows:
+        first_text = "" if first is None else f"{first:.3f}"
         print(
             f"{data:<9} {how:<22} {shuffle:<8} {rate:>12,.0f} {mbps:>9,.0f} "
-            f"{rate / limits[data]:>8.0%}"
+            f"{rate / limits[data]:>8.0%} {first_text:>12}"
         )
     if args.plot:
         import matplotlib
@@ -186,7 +216,7 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(10, 5))
-        labels = [f"{d} {h} {s}" for d, h, s, _, _ in rows]
+        labels = [f"{d} {h} {s}" for d, h, s, _, _, _ in rows]
         ax.barh(labels, [r[3] for r in rows])
         ax.set_xlabel("samples/s")
         fig.tight_layout()
