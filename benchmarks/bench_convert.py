@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from make_corpus import write_corpus  # noqa: E402
 
 from streamshards.convert import ConvertOptions, convert  # noqa: E402
-from streamshards.writer import parse_size  # noqa: E402
+from streamshards.util import parse_size  # noqa: E402
 
 BUNDLED_TOKENIZER = ROOT / "streamshards" / "data" / "tokenizer.json"
 

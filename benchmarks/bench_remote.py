@@ -28,7 +28,7 @@ from streamshards.cache import RemoteSource
 from streamshards.reader import open_shard
 from streamshards.source import LocalSource, ShardSource
 from streamshards.transfer import upload
-from streamshards.writer import parse_size
+from streamshards.util import parse_size
 
 SEQ = 2048
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
-
-from streamshards.index import Index, load_index  # noqa: E402
-from streamshards.merge import merge  # noqa: E402
-from streamshards.writer import ShardWriter  # noqa: E402
+from streamshards._version import __version__
+from streamshards.index import Index, load_index
+from streamshards.merge import merge
+from streamshards.writer import ShardWriter
 
 # Imported on first use, so the command line and the writer start without loading torch.
 _LAZY = {

@@ -37,12 +37,12 @@ from streamshards.index import (
     Index,
     IndexFormatError,
     ShardInfo,
-    atomic_write,
     parse_index_bytes,
 )
 from streamshards.source import ShardSource
 from streamshards.storage import Progress, RetryPolicy, Storage, open_storage
 from streamshards.storage.flock import close_lock, flocked, is_current, open_lock
+from streamshards.util import atomic_write, parse_size
 from streamshards.verify import (
     check_shard,
     is_verified,
@@ -50,7 +50,6 @@ from streamshards.verify import (
     settle,
     verify_and_mark,
 )
-from streamshards.writer import parse_size
 
 log = logging.getLogger("streamshards.cache")
 LOCK_DIR = ".locks"

@@ -1,4 +1,8 @@
-"""The ``streamshards`` command line: inspect, verify, merge, convert, upload, download."""
+"""The ``streamshards`` command line: inspect, verify, merge, upload, download and convert.
+
+The commands parse arguments and print; the work happens in the library (``transfer``,
+``merge``, ``convert``), imported only when a command runs.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,12 @@ import click
 
 from streamshards.format import ShardError
 from streamshards.index import IndexFormatError
+from streamshards.storage import StorageError
+from streamshards.util import human_size, is_remote
 
 # Commands that live beside the code they drive; imported only when used.
 _LAZY = {
     "convert": "streamshards.convert.cli:convert",
-    "upload": "streamshards.transfer:upload_command",
-    "download": "streamshards.transfer:download_command",
 }
 
 
@@ -42,11 +46,9 @@ def _open_index(dataset: str, block_size: int | None = None, pkl_as_bytes: bool 
     from streamshards.source import open_source
 
     options = {k: v for k, v in (("block_size", block_size), ("pkl_as_bytes", pkl_as_bytes)) if v}
-    if "://" in dataset and not dataset.startswith("file://"):
-        source = open_source(dataset, None, **options)
-    else:
-        source = open_source(None, dataset, **options)
-    return source
+    if is_remote(dataset):
+        return open_source(dataset, None, **options)
+    return open_source(None, dataset, **options)
 
 
 _block_size = click.option(
@@ -55,14 +57,6 @@ _block_size = click.option(
 _pkl_as_bytes = click.option(
     "--pkl-as-bytes", is_flag=True, help="MDS pickle columns as raw bytes (never unpickled)."
 )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
 
 
 @main.command()
@@ -96,8 +90,8 @@ def inspect(dataset: str, as_json: bool, **options) -> None:
     click.echo(f"dataset      {dataset}")
     click.echo(f"samples      {index.num_samples:,}")
     click.echo(f"shards       {len(index.shards):,}")
-    click.echo(f"raw bytes    {_human(index.raw_bytes)}")
-    click.echo(f"stored bytes {_human(index.stored_bytes)} (compression ratio {ratio:.2f}x)")
+    click.echo(f"raw bytes    {human_size(index.raw_bytes)}")
+    click.echo(f"stored bytes {human_size(index.stored_bytes)} (compression ratio {ratio:.2f}x)")
     click.echo("columns")
     for name, ctype in index.columns.items():
         click.echo(f"  {name:<12} {ctype}")
@@ -115,10 +109,8 @@ def verify(dataset: str, **options) -> None:
 
     Exits 1 with one line per bad shard. Example: streamshards verify ./shards
     """
-    if "://" in dataset and not dataset.startswith("file://"):
-        from streamshards.transfer import verify_remote_command
-
-        verify_remote_command(dataset)  # the remote objects themselves, not a node cache
+    if is_remote(dataset):
+        _verify_remote(dataset)  # the remote objects themselves, not a node cache
         return
     try:
         source = _open_index(dataset, **options)
@@ -161,3 +153,77 @@ def merge(
     except (IndexFormatError, OSError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"merged {index.num_samples:,} samples into {len(index.shards)} shards at {out}")
+
+
+def _verify_remote(remote: str, workers: int = 8) -> None:
+    """``verify`` for a URL: one ``BAD name: reason`` line per bad shard, a summary, exit 1
+    if any is bad."""
+    from streamshards.transfer import verify_remote
+
+    try:
+        index, results = verify_remote(remote, workers)
+        bad = 0
+        for info, problem in results:
+            if problem is not None:
+                bad += 1
+                click.echo(f"BAD {info.file}: {problem}")
+    except (StorageError, IndexFormatError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    shards = len(index.shards)
+    click.echo(f"{shards - bad} of {shards} shards ok, {index.num_samples:,} samples")
+    if bad:
+        raise SystemExit(1)
+
+
+#: What a failed upload or download raises that the user can act on; one line each.
+_TRANSFER_ERRORS = (StorageError, IndexFormatError, ShardError, FileNotFoundError, ValueError)
+
+
+def _summary(verb: str, report, where: str) -> str:
+    return (
+        f"{verb} {report.files} shards ({report.bytes / 1e6:.1f} MB, "
+        f"{report.mb_per_second:.1f} MB/s), skipped {report.skipped} already there, {where}"
+    )
+
+
+@main.command()
+@click.argument("local")
+@click.argument("remote")
+@click.option("--workers", default=8, show_default=True, help="Files uploaded in parallel.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def upload(local: str, remote: str, workers: int, quiet: bool) -> None:
+    """Publish a local dataset to a remote; files already there are skipped, index.json last.
+
+    Example: streamshards upload ./shards s3://bucket/datasets/web-v1
+    """
+    from streamshards.transfer import upload as upload_dataset
+
+    try:
+        report = upload_dataset(local, remote, workers, progress=not quiet)
+    except _TRANSFER_ERRORS as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(_summary("uploaded", report, f"to {remote}"))
+
+
+@main.command()
+@click.argument("remote")
+@click.argument("local")
+@click.option("--workers", default=8, show_default=True, help="Files downloaded in parallel.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def download(remote: str, local: str, workers: int, quiet: bool) -> None:
+    """Copy a remote dataset into a local folder, verifying every shard; index.json last.
+
+    Example: streamshards download gs://bucket/datasets/web-v1 ./web-v1
+    """
+    from streamshards.transfer import download as download_dataset
+
+    try:
+        report = download_dataset(remote, local, workers, progress=not quiet)
+    except _TRANSFER_ERRORS as err:
+        raise click.ClickException(str(err)) from None
+    except OSError as err:  # the local side: a file in the way, read-only, disk full
+        where = f" ({err.filename})" if err.filename else ""
+        raise click.ClickException(
+            f"cannot write the dataset into {local}: {err.strerror or err}{where}"
+        ) from None
+    click.echo(_summary("downloaded", report, f"into {local}"))

@@ -36,7 +36,7 @@ from streamshards.order import (
     stream_spans,
     worker_blocks,
 )
-from streamshards.source import ShardSource, open_source
+from streamshards.source import ShardSource, open_source, uses_cache
 
 STATE_VERSION = 1
 STATE_KEYS = ("version", "epoch", "samples_seen", "fingerprint", "order")
@@ -109,7 +109,7 @@ class StreamingDataset(IterableDataset):
         prefetch: int = 4,
         memory_budget: int | str = "2GiB",
     ):
-        from streamshards.writer import parse_size
+        from streamshards.util import parse_size
 
         if streams is None:
             streams = [Stream(local=local, remote=remote)]
@@ -534,10 +534,6 @@ class StreamingDataset(IterableDataset):
             for k in range(size):
                 yield {name: values[k] for name, values in batch.items()}
 
-    def wait_seconds(self) -> float:
-        """Seconds this process waited on shard downloads."""
-        return sum(source.wait_seconds() for source in self.sources)
-
 
 def _is_int(value: Any) -> bool:
     """An int proper: bools are ints to Python but never a count or an epoch here."""
@@ -552,6 +548,6 @@ def _same(saved: dict[str, Any], mine: dict[str, Any], key: str) -> bool:
 
 
 def _source_options(stream: Stream, cache_limit: int | str | None, prefetch: int) -> dict[str, Any]:
-    if stream.remote is None or stream.remote.startswith("file://") and stream.local is None:
+    if not uses_cache(stream.remote, stream.local):
         return dict(stream.options)
     return {"cache_limit": cache_limit, "prefetch": prefetch, **stream.options}

@@ -6,18 +6,16 @@ import bisect
 import json
 import os
 import re
-import secrets
 import stat
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from streamshards.columns import ColumnType, parse_column_type
+from streamshards.util import atomic_write
 
 INDEX_NAME = "index.json"
 FORMAT_NAME = "streamshards"
@@ -291,40 +289,6 @@ def write_index(folder: str | os.PathLike, index: Index) -> Path:
     target = folder / INDEX_NAME
     atomic_write(target, index_bytes(index))
     return target
-
-
-@contextmanager
-def atomic_file(target: Path) -> Iterator[BinaryIO]:
-    """A new file that replaces ``target`` whole when the block ends, and vanishes on error.
-
-    It has a hidden, unique temporary name and the umask's permissions like any new file.
-    """
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "x+b") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` so readers see the old file or the whole new one."""
-    with atomic_file(target) as f:
-        f.write(data)
-    fsync_folder(target.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make renames and removals in ``folder`` durable, so they survive a power loss in order."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def creation_time() -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from streamshards.format import ShardView
 from streamshards.index import INDEX_NAME, Index, load_index, parse_index_bytes
 from streamshards.interop import ForeignFormat, load_foreign
+from streamshards.util import local_path, url_scheme
 
 
 class ShardSource:
@@ -77,7 +78,7 @@ class LocalSource(ShardSource):
     """
 
     def __init__(self, folder: str | os.PathLike, **options: Any):
-        self.folder = Path(str(folder).removeprefix("file://"))
+        self.folder = Path(local_path(folder))
         path = self.folder / INDEX_NAME
         if not path.is_file():  # missing, or not a regular file: the native reader says which
             self.index = load_index(self.folder)
@@ -89,9 +90,15 @@ class LocalSource(ShardSource):
         return self.folder / self.index.shards[shard].file
 
 
+def uses_cache(remote: str | None, local: str | os.PathLike | None) -> bool:
+    """Whether ``open_source(remote, local)`` mirrors ``remote`` into a cache folder: any remote
+    but a ``file://`` URL given alone, which is read in place."""
+    return remote is not None and (local is not None or url_scheme(remote) != "file")
+
+
 def open_source(remote: str | None, local: str | os.PathLike | None, **options) -> ShardSource:
     """The source for a (remote, local) pair: local only, or a remote mirrored into ``local``."""
-    if remote is None or remote.startswith("file://") and local is None:
+    if not uses_cache(remote, local):
         if remote is None and local is None:
             raise ValueError("give local= (a dataset folder) or remote= (a URL) or both")
         return LocalSource(remote if local is None else local, **options)

@@ -22,7 +22,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import click
 import xxhash
 from tqdm import tqdm
 
@@ -33,14 +32,12 @@ from streamshards.index import (
     Index,
     IndexFormatError,
     ShardInfo,
-    atomic_file,
-    atomic_write,
-    fsync_folder,
     index_bytes,
     load_index,
     parse_index_bytes,
 )
 from streamshards.storage import NotFoundError, ObjectInfo, Storage, StorageError, open_storage
+from streamshards.util import atomic_file, atomic_write, fsync_folder
 from streamshards.verify import check_shard, mismatch
 from streamshards.writer import ShardWriter
 
@@ -366,70 +363,3 @@ def verify_remote(
             yield from pool.map(check, index.shards)
 
     return index, results()
-
-
-_ERRORS = (StorageError, IndexFormatError, ShardError, FileNotFoundError, ValueError)
-
-
-def _summary(verb: str, report: TransferReport, where: str) -> str:
-    return (
-        f"{verb} {report.files} shards ({report.bytes / 1e6:.1f} MB, "
-        f"{report.mb_per_second:.1f} MB/s), skipped {report.skipped} already there, {where}"
-    )
-
-
-@click.command("upload")
-@click.argument("local")
-@click.argument("remote")
-@click.option("--workers", default=8, show_default=True, help="Files uploaded in parallel.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def upload_command(local: str, remote: str, workers: int, quiet: bool) -> None:
-    """Publish a local dataset to a remote; files already there are skipped, index.json last.
-
-    Example: streamshards upload ./shards s3://bucket/datasets/web-v1
-    """
-    try:
-        report = upload(local, remote, workers, progress=not quiet)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from None
-    click.echo(_summary("uploaded", report, f"to {remote}"))
-
-
-@click.command("download")
-@click.argument("remote")
-@click.argument("local")
-@click.option("--workers", default=8, show_default=True, help="Files downloaded in parallel.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def download_command(remote: str, local: str, workers: int, quiet: bool) -> None:
-    """Copy a remote dataset into a local folder, verifying every shard; index.json last.
-
-    Example: streamshards download gs://bucket/datasets/web-v1 ./web-v1
-    """
-    try:
-        report = download(remote, local, workers, progress=not quiet)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from None
-    except OSError as err:  # the local side: a file in the way, read-only, disk full
-        where = f" ({err.filename})" if err.filename else ""
-        raise click.ClickException(
-            f"cannot write the dataset into {local}: {err.strerror or err}{where}"
-        ) from None
-    click.echo(_summary("downloaded", report, f"into {local}"))
-
-
-def verify_remote_command(remote: str, workers: int = 8) -> None:
-    """``streamshards verify`` for a URL: one ``BAD name: reason`` line per bad shard, a
-    summary, exit 1 if any is bad."""
-    try:
-        index, results = verify_remote(remote, workers)
-        bad = 0
-        for info, problem in results:
-            if problem is not None:
-                bad += 1
-                click.echo(f"BAD {info.file}: {problem}")
-    except (StorageError, IndexFormatError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
-    shards = len(index.shards)
-    click.echo(f"{shards - bad} of {shards} shards ok, {index.num_samples:,} samples")
-    if bad:
-        raise SystemExit(1)

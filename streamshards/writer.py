@@ -11,7 +11,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from streamshards import __version__
+from streamshards._version import __version__
 from streamshards.columns import encode, parse_column_type
 from streamshards.format import shard_chunks, write_shard
 from streamshards.index import (
@@ -19,22 +19,9 @@ from streamshards.index import (
     Index,
     ShardInfo,
     creation_time,
-    fsync_folder,
     write_index,
 )
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
+from streamshards.util import fsync_folder, parse_size
 
 
 class OutputError(OSError):
@@ -74,16 +61,6 @@ def prepare_output(out: Path) -> None:
         raise output_error(out, err) from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(errno.EACCES, f"{out}: the folder is not writable")
-
-
-def parse_size(size: int | str | None) -> int | None:
-    """Parse ``64MB``, ``1.5GiB`` or a plain byte count."""
-    if size is None or isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
-    if not match or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"cannot parse size {size!r}; use e.g. 64MB, 1GiB or a byte count")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 def parse_compression(compression: str | None) -> int | None:

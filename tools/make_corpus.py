@@ -72,7 +72,7 @@ def write_corpus(folder: str | Path, size: int, files: int = 1, seed: int = 0) -
 
 
 def main() -> None:
-    from streamshards.writer import parse_size
+    from streamshards.util import parse_size
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder")

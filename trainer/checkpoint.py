@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from streamshards.index import atomic_write, fsync_folder
+from streamshards.util import atomic_write, fsync_folder
 
 COMPLETE = "COMPLETE"
 _NAME = re.compile(r"step_(\d{8})")

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from streamshards import StreamingDataLoader, StreamingDataset
-from streamshards.index import atomic_write
+from streamshards.util import atomic_write
 from trainer.checkpoint import Stateful, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import ConfigError, dump, load_config
 from trainer.faults import Faults

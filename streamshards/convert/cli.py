@@ -9,14 +9,7 @@ from streamshards.convert.lock import OutputLock
 from streamshards.convert.options import ConvertOptions, ConvertResult, Progress
 from streamshards.convert.remote import RemoteOutput
 from streamshards.convert.run import convert as run_convert
-
-
-def _human(n: float, unit: str = "B") -> str:
-    for prefix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000 or prefix == "T":
-            return f"{n:.0f} {unit}" if not prefix else f"{n:.1f} {prefix}{unit}"
-        n /= 1000
-    return str(n)
+from streamshards.util import human_size
 
 
 class _ProgressBar:
@@ -64,12 +57,15 @@ def summary_lines(result: ConvertResult, tokenized: bool) -> list[str]:
         rows.append(("tokens", f"{result.tokens:,} in documents"))
     rows += [
         ("shards", f"{result.shards:,}"),
-        ("bytes in", f"{_human(result.bytes_in)} ({_human(result.bytes_read)} decompressed)"),
-        ("bytes out", f"{_human(result.bytes_out)} (input/output {ratio:.2f}x)"),
+        (
+            "bytes in",
+            f"{human_size(result.bytes_in)} ({human_size(result.bytes_read)} decompressed)",
+        ),
+        ("bytes out", f"{human_size(result.bytes_out)} (input/output {ratio:.2f}x)"),
         (
             "time",
-            f"{result.seconds:.1f} s, {_human(result.bytes_in / seconds)}/s in"
-            + (f", {_human(result.tokens / seconds, 'tok')}/s" if tokenized else ""),
+            f"{result.seconds:.1f} s, {human_size(result.bytes_in / seconds)}/s in"
+            + (f", {human_size(result.tokens / seconds, 'tok')}/s" if tokenized else ""),
         ),
         ("units", f"{result.units:,} ({result.units_reused:,} reused from an interrupted run)"),
     ]

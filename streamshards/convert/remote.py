@@ -13,12 +13,7 @@ import tempfile
 import xxhash
 
 from streamshards.convert.errors import ConvertError
-
-
-def is_remote(out: str) -> bool:
-    """True for URLs other than file://, which need an upload after converting."""
-    scheme, sep, _ = out.partition("://")
-    return bool(sep) and scheme != "file"
+from streamshards.util import is_remote, local_path
 
 
 class RemoteOutput:
@@ -26,14 +21,12 @@ class RemoteOutput:
 
     def __init__(self, out: str):
         self.out = out
-        if out.startswith("file://"):
-            self.local = out[len("file://") :]
-        elif is_remote(out):
+        if is_remote(out):
             self._upload = _find_upload(out)
             name = xxhash.xxh3_64_hexdigest(out.encode("utf-8"))
             self.local = os.path.join(tempfile.gettempdir(), f"streamshards-convert-{name}")
         else:
-            self.local = out
+            self.local = local_path(out)
 
     def publish(self, progress: bool = True) -> None:
         """Upload the finished local dataset to the URL, index last, then drop the local copy."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import xxhash
 
-from streamshards import __version__
+from streamshards._version import __version__
 from streamshards.convert.documents import DocumentRules, load_filter
 from streamshards.convert.errors import ConvertError
 from streamshards.convert.inputs import FileReport, InputFile, find_inputs, read_units
@@ -41,12 +41,12 @@ from streamshards.convert.spill import WorkFolder, read_spill
 from streamshards.convert.tokenize import TokenizerInfo, describe_tokenizer
 from streamshards.convert.worker import WorkerSetup, init_worker, process_unit, release_worker
 from streamshards.index import INDEX_NAME, IndexFormatError, load_index
+from streamshards.util import parse_size
 from streamshards.writer import (
     OutputError,
     ShardWriter,
     output_error,
     parse_compression,
-    parse_size,
 )
 
 UNREADABLE_FILE = "unreadable_file"
@@ -153,7 +153,7 @@ class ConvertJob:
         start = time.perf_counter()
         if self._already_done():
             return self.result
-        done, _ = self.work.open(self.job)
+        done = self.work.open(self.job)
         self.done = done
         self.writer = ShardWriter(
             self.out,
@@ -401,7 +401,6 @@ class _InlineExecutor:
     """The one-worker case: each unit is processed in this process when it is submitted."""
 
     def __init__(self, setup: WorkerSetup):
-        self.saved_parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
         init_worker(setup)
 
     def submit(self, fn, *args) -> Future:
@@ -413,12 +412,8 @@ class _InlineExecutor:
         return future
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        """Drop the tokenizer and give back the caller's tokenizer thread setting."""
+        """Drop the tokenizer."""
         release_worker()
-        if self.saved_parallelism is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = self.saved_parallelism
 
 
 def convert(

@@ -100,8 +100,6 @@ class Encoder:
     def __init__(self, info: TokenizerInfo):
         self.info = info
         self.tokenizer = load_tokenizer(info.path)
-        # One worker is one core: the Rust thread pool would only fight the other workers.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         fast = getattr(self.tokenizer, "encode_batch_fast", None)
         self._encode_batch = fast or self.tokenizer.encode_batch
 

@@ -88,6 +88,9 @@ def init_worker(setup: WorkerSetup) -> None:
     global _processor
     if setup.parent_pid and setup.parent_pid != os.getpid():
         die_with_parent(setup.parent_pid)
+        # One worker process is one core: the tokenizer's thread pool would only fight the
+        # other workers. Set here, in the pool's own process, never in the caller's.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _processor = UnitProcessor(setup)
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from streamshards.index import atomic_file
 from streamshards.storage.retry import (
     NotFoundError,
     PermissionDeniedError,
@@ -22,6 +21,7 @@ from streamshards.storage.retry import (
     StorageError,
     TransientError,
 )
+from streamshards.util import atomic_file, url_scheme
 
 __all__ = [
     "HASH_METADATA_KEY",
@@ -197,16 +197,16 @@ def open_storage(
 ) -> Storage:
     """The storage for a local path, ``file://``, ``s3://bucket/prefix`` or ``gs://bucket/prefix``."""
     text = os.fspath(url)
-    if text.startswith("s3://"):
+    scheme = url_scheme(text)
+    if scheme == "s3":
         from streamshards.storage.s3 import S3Storage
 
         return S3Storage(text, retry, timeout)
-    if text.startswith("gs://"):
+    if scheme == "gs":
         from streamshards.storage.gcs import GCSStorage
 
         return GCSStorage(text, retry, timeout)
-    scheme, sep, _ = text.partition("://")
-    if sep and scheme != "file":
+    if scheme not in (None, "file"):
         raise ValueError(
             f"{text}: unsupported URL scheme {scheme!r}; use s3://, gs://, file:// or a local path"
         )

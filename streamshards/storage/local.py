@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
-from streamshards.index import atomic_file
 from streamshards.storage import CHUNK_BYTES, ObjectInfo, Progress, Storage
 from streamshards.storage.retry import (
     NotFoundError,
@@ -15,6 +14,7 @@ from streamshards.storage.retry import (
     RetryPolicy,
     StorageError,
 )
+from streamshards.util import atomic_file, local_path
 
 
 class LocalStorage(Storage):
@@ -22,7 +22,7 @@ class LocalStorage(Storage):
 
     def __init__(self, url: str, retry: RetryPolicy | None = None, timeout: float = 60.0):
         super().__init__(url, retry, timeout)
-        self.root = Path(self.url.removeprefix("file://"))
+        self.root = Path(local_path(self.url))
 
     def url_of(self, name: str) -> str:
         return str(self.root / name)
