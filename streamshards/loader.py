@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -93,7 +92,6 @@ class StreamingDataLoader(DataLoader):
         super().__init__(self._batches, batch_size=None, num_workers=num_workers, **kwargs)
         self.streaming = dataset
         self.cursor = dataset.cursor
-        self.wait_seconds = 0.0
 
     @property
     def epoch(self) -> int:
@@ -118,12 +116,7 @@ class StreamingDataLoader(DataLoader):
             for item in super().__iter__()
             for batch in (item.batches() if isinstance(item, _Run) else (item,))
         )
-        while True:
-            started = time.perf_counter()
-            batch = next(batches, None)
-            self.wait_seconds += time.perf_counter() - started
-            if batch is None:
-                break
+        for batch in batches:
             self.cursor = self.cursor.advanced(global_batch, end)
             yield batch
         self.cursor = self.cursor.next_epoch()
