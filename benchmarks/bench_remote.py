@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from streamshards import ShardWriter
-from streamshards.cache import RemoteSource
 from streamshards.reader import open_shard
-from streamshards.source import LocalSource, ShardSource
+from streamshards.sources import LocalSource, RemoteSource, ShardSource
 from streamshards.transfer import upload
 from streamshards.util import parse_size
 

@@ -43,7 +43,7 @@ def main() -> None:
 def _open_index(dataset: str, block_size: int | None = None, pkl_as_bytes: bool = False):
     """The shard source (index and shard paths) of a local folder or a remote URL; the
     options are for MDS and LitData datasets (docs/INTEROP.md)."""
-    from streamshards.source import open_source
+    from streamshards.sources import open_source
 
     options = {k: v for k, v in (("block_size", block_size), ("pkl_as_bytes", pkl_as_bytes)) if v}
     if is_remote(dataset):

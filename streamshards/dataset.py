@@ -1,7 +1,7 @@
 """StreamingDataset: one or more streams of shards read in a deterministic, resumable order.
 
 The dataset composes the pure order (``streamshards.order``) with shard sources
-(``streamshards.source``). Where the next global batch starts is a ``Cursor``
+(``streamshards.sources``). Where the next global batch starts is a ``Cursor``
 (epoch, samples_seen) owned by whoever iterates and passed to ``iter_batches``; the dataset's
 ``state_dict``/``load_state_dict`` encode and check it. See docs/ORDER.md.
 """
@@ -36,7 +36,7 @@ from streamshards.order import (
     stream_spans,
     worker_blocks,
 )
-from streamshards.source import ShardSource, open_source, uses_cache
+from streamshards.sources import ShardSource, open_source, uses_cache
 
 STATE_VERSION = 1
 STATE_KEYS = ("version", "epoch", "samples_seen", "fingerprint", "order")

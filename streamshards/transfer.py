@@ -25,7 +25,6 @@ from typing import Any
 import xxhash
 from tqdm import tqdm
 
-from streamshards.cache import download_verified
 from streamshards.format import ShardError
 from streamshards.index import (
     INDEX_NAME,
@@ -36,6 +35,7 @@ from streamshards.index import (
     load_index,
     parse_index_bytes,
 )
+from streamshards.sources.remote import download_verified
 from streamshards.storage import NotFoundError, ObjectInfo, Storage, StorageError, open_storage
 from streamshards.util import atomic_file, atomic_write, fsync_folder
 from streamshards.verify import check_shard, mismatch

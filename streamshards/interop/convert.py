@@ -21,7 +21,8 @@ import xxhash
 from streamshards.columns import ColumnType, encode, parse_column_type
 from streamshards.index import INDEX_NAME, Index
 from streamshards.interop.detect import index_kind
-from streamshards.source import ShardSource, open_source
+from streamshards.sources import ShardSource, open_source
+from streamshards.util import is_remote, local_path
 from streamshards.writer import ShardWriter
 
 TOKENS = "tokens"
@@ -42,9 +43,9 @@ class ForeignConvertResult:
 def is_foreign(dataset: str | os.PathLike) -> bool:
     """Whether ``dataset`` (a folder or an s3:// or gs:// prefix) holds an MDS or LitData
     index.json; a URL without an index.json (input files, say) is not one."""
-    text = str(dataset).removeprefix("file://")
+    text = local_path(dataset)
     try:
-        if "://" in text:
+        if is_remote(text):
             if any(c in text for c in "*?["):
                 return False
             from streamshards.storage import open_storage
@@ -62,7 +63,7 @@ def is_foreign(dataset: str | os.PathLike) -> bool:
 
 def open_dataset(dataset: str, local: str | None = None, **options: Any) -> ShardSource:
     """The source of a folder or URL (a URL is mirrored into ``local`` or the default cache)."""
-    if "://" in dataset and not dataset.startswith("file://"):
+    if is_remote(dataset):
         return open_source(dataset, local, **options)
     return open_source(None, dataset, **options)
 

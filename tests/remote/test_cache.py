@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from remote_helpers import CacheMonitor, cache_snapshot, sample, wait_until, write_dataset
 
-from streamshards.cache import RemoteSource
 from streamshards.format import stored_hash
 from streamshards.index import load_index
 from streamshards.reader import open_shard
+from streamshards.sources import RemoteSource
 from streamshards.storage import NotFoundError, RetryPolicy
 from streamshards.storage.flock import flocked
 from streamshards.transfer import upload

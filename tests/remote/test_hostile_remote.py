@@ -20,10 +20,10 @@ from click.testing import CliRunner
 from remote_helpers import COLUMNS, sample, wait_until
 
 from streamshards import ShardWriter, StreamingDataset
-from streamshards.cache import RemoteSource
 from streamshards.cli import main
 from streamshards.format import ShardError, stored_hash
 from streamshards.index import load_index
+from streamshards.sources import RemoteSource
 from streamshards.storage import open_storage
 from streamshards.transfer import RemoteWriter, download, upload, verify_remote
 from streamshards.verify import SETTLE_NS, check_shard, is_verified, verify_and_mark

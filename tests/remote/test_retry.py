@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamshards.cache import RemoteSource
 from streamshards.format import ShardError, stored_hash
 from streamshards.index import load_index
+from streamshards.sources import RemoteSource
 from streamshards.storage import RetryPolicy, StorageError, TransientError
 
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)

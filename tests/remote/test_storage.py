@@ -119,7 +119,7 @@ def test_sdks_are_optional_and_imported_only_for_their_urls():
     """import streamshards (storage, cache, transfer too) loads no SDK; a missing one names
     the extra to install."""
     code = """
-import sys, streamshards, streamshards.storage, streamshards.cache, streamshards.transfer
+import sys, streamshards, streamshards.storage, streamshards.sources, streamshards.transfer
 from streamshards.storage import open_storage
 open_storage('/tmp/x')
 loaded = [m for m in sys.modules if m.startswith(('boto3', 'botocore', 'google'))]

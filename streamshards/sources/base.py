@@ -1,21 +1,17 @@
-"""Where a stream's index and shards come from: the interface the dataset reads through.
+"""The interface the dataset reads shards through, and reading an index of any shape.
 
-A local dataset is read in place. A remote one (s3://, gs://) is mirrored into a node-shared
-cache folder by ``streamshards.cache.RemoteSource``, which implements the same interface.
-A MosaicML MDS or LitData folder is read in place too (``streamshards.interop``): its index
-is presented as a native ``Index`` and its shards as views with ``ShardView``'s interface.
+A MosaicML MDS or LitData index (``streamshards.interop``) is presented as a native
+``Index`` and its shards as views with ``ShardView``'s interface.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from streamshards.format import ShardView
-from streamshards.index import INDEX_NAME, Index, load_index, parse_index_bytes
+from streamshards.index import Index, parse_index_bytes
 from streamshards.interop import ForeignFormat, load_foreign
-from streamshards.util import local_path, url_scheme
 
 
 class ShardSource:
@@ -68,40 +64,3 @@ def read_index(text: bytes, source: str, options: dict[str, Any]) -> tuple[Index
             f"{source}: option(s) {sorted(options)} apply to MDS or LitData datasets only"
         )
     return parse_index_bytes(text, source), None
-
-
-class LocalSource(ShardSource):
-    """A dataset folder on a local file system, read in place.
-
-    ``options`` go to a foreign dataset's reader: ``block_size`` (LitData TokensLoader) and
-    ``pkl_as_bytes`` (MDS pickle columns as raw bytes, never unpickled).
-    """
-
-    def __init__(self, folder: str | os.PathLike, **options: Any):
-        self.folder = Path(local_path(folder))
-        path = self.folder / INDEX_NAME
-        if not path.is_file():  # missing, or not a regular file: the native reader says which
-            self.index = load_index(self.folder)
-            return
-        self.index, self.foreign = read_index(path.read_bytes(), str(path), options)
-        self.complete_foreign()
-
-    def path(self, shard: int) -> Path:
-        return self.folder / self.index.shards[shard].file
-
-
-def uses_cache(remote: str | None, local: str | os.PathLike | None) -> bool:
-    """Whether ``open_source(remote, local)`` mirrors ``remote`` into a cache folder: any remote
-    but a ``file://`` URL given alone, which is read in place."""
-    return remote is not None and (local is not None or url_scheme(remote) != "file")
-
-
-def open_source(remote: str | None, local: str | os.PathLike | None, **options) -> ShardSource:
-    """The source for a (remote, local) pair: local only, or a remote mirrored into ``local``."""
-    if not uses_cache(remote, local):
-        if remote is None and local is None:
-            raise ValueError("give local= (a dataset folder) or remote= (a URL) or both")
-        return LocalSource(remote if local is None else local, **options)
-    from streamshards.cache import RemoteSource
-
-    return RemoteSource(remote, local, **options)

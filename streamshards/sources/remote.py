@@ -39,7 +39,7 @@ from streamshards.index import (
     ShardInfo,
     parse_index_bytes,
 )
-from streamshards.source import ShardSource
+from streamshards.sources.base import ShardSource, read_index
 from streamshards.storage import Progress, RetryPolicy, Storage, open_storage
 from streamshards.storage.flock import close_lock, flocked, is_current, open_lock
 from streamshards.util import atomic_write, parse_size
@@ -51,7 +51,7 @@ from streamshards.verify import (
     verify_and_mark,
 )
 
-log = logging.getLogger("streamshards.cache")
+log = logging.getLogger(__name__)
 LOCK_DIR = ".locks"
 DOWNLOAD_TRIES = 2
 
@@ -198,8 +198,6 @@ class RemoteSource(ShardSource):
 
     def _parse_index(self, data: bytes, source: str) -> Index:
         """A native index, or an MDS or LitData one (``self.foreign`` then reads its shards)."""
-        from streamshards.source import read_index
-
         index, self.foreign = read_index(data, source, self.options)
         nested = [s.file for s in index.shards if "/" in s.file]
         if nested:
