@@ -12,22 +12,22 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import xxhash
 
 from streamshards.convert.errors import ConvertError
+from streamshards.convert.inputs import FORMATS, TOO_DEEP
 
-# Bad-input kinds, counted under provenance "errors" when --on-error skip.
-MALFORMED_JSON = "malformed_json"
-INVALID_UTF8 = "invalid_utf8"
+# Bad-input kinds, counted under provenance "errors" when --on-error skip (with those that
+# parsing a unit finds: inputs.MALFORMED_JSON, INVALID_UTF8 and TOO_DEEP).
 MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
 LONE_SURROGATE = "lone_surrogate"
 NOT_FINITE = "nan_or_infinity"
-TOO_DEEP = "nested_too_deep"
 
 
 @dataclass(frozen=True)
@@ -94,57 +94,13 @@ class DocumentReader:
             raise ConvertError(f"{message} (use --on-error skip to skip such records)")
         docs.errors[kind] += 1
 
-    def records(
-        self, docs: Documents, kind: str, payload: Any, path: str, first_line: int
-    ) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Yield (line number, record dict) pairs; bad lines are counted or raise ConvertError."""
-        if kind == "parquet":
-            yield from enumerate(payload, first_line)
-            return
-        if kind == "txt" and not self.rules.txt_per_line:
-            text = self._utf8(docs, payload, path, 1)
-            if text is not None:
-                yield 1, {self.rules.text_field: text}
-            return
-        for number, line in enumerate(payload.split(b"\n")[:-1], first_line):
-            text = self._utf8(docs, line, path, number)
-            if text is None:
-                continue
-            if kind == "txt":
-                yield number, {self.rules.text_field: text.rstrip("\r")}
-                continue
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                self._bad(docs, MALFORMED_JSON, f"{path}:{number}: malformed JSON: {err}")
-                continue
-            except RecursionError:
-                self._bad(docs, TOO_DEEP, f"{path}:{number}: JSON nested too deep to read")
-                continue
-            if not isinstance(record, dict):
-                self._bad(
-                    docs,
-                    MALFORMED_JSON,
-                    f"{path}:{number}: expected a JSON object per line, got "
-                    f"{type(record).__name__} (.json files are read as JSON lines, as in C4)",
-                )
-                continue
-            yield number, record
-
-    def _utf8(self, docs: Documents, data: bytes, path: str, number: int) -> str | None:
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            self._bad(docs, INVALID_UTF8, f"{path}:{number}: invalid UTF-8 at byte {err.start}")
-            return None
-
     def read(self, kind: str, payload, path: str, first_line: int) -> Documents:
-        """Parse one unit's payload and apply every per-document filter, in a fixed order."""
+        """Parse one unit's payload by its file's format (``kind``, an ``inputs.FORMATS`` key)
+        and apply every per-document filter, in a fixed order."""
         rules = self.rules
         docs = Documents([], [], [], Counter(), Counter())
-        for number, record in self.records(docs, kind, payload, path, first_line):
+        bad = partial(self._bad, docs)
+        for number, record in FORMATS[kind].records(payload, path, first_line, rules, bad):
             docs.read += 1
             text = record.get(rules.text_field)
             if text is None:

@@ -1,34 +1,39 @@
-"""Finding input files and cutting each into work units: deterministic chunks of whole records.
+"""Input formats: finding input files, cutting each into work units and units into records.
 
-A unit's boundaries depend only on the file's content and the unit size, never on the number
-of workers, so every run of the same job cuts the same units and can resume unit by unit.
+A unit is a deterministic chunk of whole records: its boundaries depend only on the file's
+content and the unit size, never on the number of workers, so every run of the same job cuts
+the same units and can resume unit by unit. Each format is one ``InputFormat`` subclass and
+one line in ``FORMATS`` (see docs/CONVERT.md, "Adding an input format").
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import json
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import xxhash
 
 from streamshards.convert.errors import ConvertError
 
-# Longest suffix first, so ".jsonl.gz" wins over ".gz".
-SUFFIXES: dict[str, tuple[str, str | None]] = {
-    ".jsonl.gz": ("jsonl", "gzip"),
-    ".json.gz": ("jsonl", "gzip"),
-    ".jsonl.zst": ("jsonl", "zstd"),
-    ".json.zst": ("jsonl", "zstd"),
-    ".jsonl": ("jsonl", None),
-    ".json": ("jsonl", None),
-    ".parquet": ("parquet", None),
-    ".txt": ("txt", None),
-}
+if TYPE_CHECKING:
+    from streamshards.convert.documents import DocumentRules
+
+# Bad-record kinds found while parsing a unit (documents.py counts the others).
+MALFORMED_JSON = "malformed_json"
+INVALID_UTF8 = "invalid_utf8"
+TOO_DEEP = "nested_too_deep"
+
+# Parquet units are cut by rows: this many bytes a row (about one C4 document) turns the unit
+# size into a row count.
+PARQUET_ROW_BYTES = 2048
 _BLOCK = 1 << 20
 _READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
 
@@ -72,13 +77,160 @@ class FileReport:
     trusted_bytes: int | None = None
 
 
+Bad = Callable[[str, str], None]  # reports a bad record: (kind, message naming file and line)
+
+
+class InputFormat:
+    """One input file format: the file names it reads, how a file is cut into units, and how
+    a unit's payload becomes records (dicts)."""
+
+    # File name ending (any case) -> the compression under it ("gzip", "zstd" or None).
+    suffixes: ClassVar[dict[str, str | None]]
+
+    def units(
+        self,
+        source: InputFile,
+        file_number: int,
+        unit_bytes: int,
+        txt_per_line: bool,
+        report: FileReport,
+    ) -> Iterator[Unit]:
+        """Cut one file into units, filling ``report`` with its hash, unit count and any read
+        error; a unit's payload is whatever ``records`` takes (bytes or a list)."""
+        raise NotImplementedError
+
+    def records(
+        self, payload: Any, path: str, first_line: int, rules: DocumentRules, bad: Bad
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(line number, record) pairs of one unit; a bad record goes to ``bad`` (which raises
+        ConvertError under --on-error fail) and is skipped."""
+        raise NotImplementedError
+
+
+class JsonLines(InputFormat):
+    """One JSON object per line; ``.json`` too (read as JSON lines, as C4 ships it), plain,
+    gzip or zstd."""
+
+    suffixes = {
+        ".jsonl.gz": "gzip",
+        ".json.gz": "gzip",
+        ".jsonl.zst": "zstd",
+        ".json.zst": "zstd",
+        ".jsonl": None,
+        ".json": None,
+    }
+
+    def units(
+        self,
+        source: InputFile,
+        file_number: int,
+        unit_bytes: int,
+        txt_per_line: bool,
+        report: FileReport,
+    ) -> Iterator[Unit]:
+        yield from _hashed_units(
+            source, report, lambda raw: _line_units(raw, source, file_number, unit_bytes, report)
+        )
+
+    def records(
+        self, payload: bytes, path: str, first_line: int, rules: DocumentRules, bad: Bad
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        for number, text in _lines(payload, path, first_line, bad):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                bad(MALFORMED_JSON, f"{path}:{number}: malformed JSON: {err}")
+                continue
+            except RecursionError:
+                bad(TOO_DEEP, f"{path}:{number}: JSON nested too deep to read")
+                continue
+            if not isinstance(record, dict):
+                bad(
+                    MALFORMED_JSON,
+                    f"{path}:{number}: expected a JSON object per line, got "
+                    f"{type(record).__name__} (.json files are read as JSON lines, as in C4)",
+                )
+                continue
+            yield number, record
+
+
+class Text(InputFormat):
+    """Plain UTF-8 text: one document a file, or one a line with --txt-per-line."""
+
+    suffixes = {".txt": None}
+
+    def units(
+        self,
+        source: InputFile,
+        file_number: int,
+        unit_bytes: int,
+        txt_per_line: bool,
+        report: FileReport,
+    ) -> Iterator[Unit]:
+        if txt_per_line:
+            cut = partial(
+                _line_units,
+                source=source,
+                file_number=file_number,
+                unit_bytes=unit_bytes,
+                report=report,
+            )
+        else:
+            cut = partial(_whole_file_unit, file_number=file_number, report=report)
+        yield from _hashed_units(source, report, cut)
+
+    def records(
+        self, payload: bytes, path: str, first_line: int, rules: DocumentRules, bad: Bad
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        if not rules.txt_per_line:
+            text = _utf8(payload, path, 1, bad)
+            if text is not None:
+                yield 1, {rules.text_field: text}
+            return
+        for number, text in _lines(payload, path, first_line, bad):
+            yield number, {rules.text_field: text.rstrip("\r")}
+
+
+class Parquet(InputFormat):
+    """Parquet files (needs pyarrow): units of a fixed number of rows, each row a dict."""
+
+    suffixes = {".parquet": None}
+
+    def units(
+        self,
+        source: InputFile,
+        file_number: int,
+        unit_bytes: int,
+        txt_per_line: bool,
+        report: FileReport,
+    ) -> Iterator[Unit]:
+        yield from _parquet_units(source, file_number, unit_bytes, report)
+
+    def records(
+        self, payload: list, path: str, first_line: int, rules: DocumentRules, bad: Bad
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        return enumerate(payload, first_line)
+
+
+# The registry: an input file's kind names its format.
+FORMATS: dict[str, InputFormat] = {
+    "jsonl": JsonLines(),
+    "parquet": Parquet(),
+    "txt": Text(),
+}
+# Every supported file name ending -> (kind, compression), in registry order.
+SUFFIXES: dict[str, tuple[str, str | None]] = {
+    suffix: (kind, codec) for kind, fmt in FORMATS.items() for suffix, codec in fmt.suffixes.items()
+}
+
+
 def format_of(path: str) -> tuple[str, str | None] | None:
-    """(kind, codec) for a supported file name, else None."""
+    """(kind, codec) for a supported file name, else None; the longest matching ending wins."""
     lower = path.lower()
-    for suffix, fmt in SUFFIXES.items():
-        if lower.endswith(suffix):
-            return fmt
-    return None
+    suffix = max((s for s in SUFFIXES if lower.endswith(s)), key=len, default=None)
+    return None if suffix is None else SUFFIXES[suffix]
 
 
 def find_inputs(specs: Sequence[str]) -> list[InputFile]:
@@ -235,28 +387,45 @@ def _stream(raw: _HashingReader, codec: str | None):
 def read_units(
     source: InputFile, file_number: int, unit_bytes: int, txt_per_line: bool, report: FileReport
 ) -> Iterator[Unit]:
-    """Cut one file into units, filling ``report`` with its hash and any read error."""
-    if source.kind == "parquet":
-        yield from _parquet_units(source, file_number, unit_bytes, report)
-        return
+    """Cut one file into units by its format, filling ``report`` with its hash and any read
+    error."""
+    return FORMATS[source.kind].units(source, file_number, unit_bytes, txt_per_line, report)
+
+
+def _hashed_units(
+    source: InputFile, report: FileReport, cut: Callable[[_HashingReader], Iterator[Unit]]
+) -> Iterator[Unit]:
+    """The units ``cut`` makes of a file read through a hashing reader; then its hash."""
     try:
         raw = _HashingReader(source.path)
     except OSError as err:
         raise ConvertError(f"{source.path}: cannot open: {err.strerror or err}") from None
     try:
-        if source.kind == "txt" and not txt_per_line:
-            yield from _whole_file_unit(raw, source, file_number, report)
-        else:
-            yield from _line_units(raw, source, file_number, unit_bytes, report)
+        yield from cut(raw)
     except BaseException:
         raw.file.close()  # the job stops: no need to hash the rest
         raise
     report.xxh3_64 = raw.finish()
 
 
-def _whole_file_unit(
-    raw: _HashingReader, source: InputFile, file_number: int, report: FileReport
-) -> Iterator[Unit]:
+def _utf8(data: bytes, path: str, number: int, bad: Bad) -> str | None:
+    """``data`` as text, or None after reporting line ``number`` as invalid UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad(INVALID_UTF8, f"{path}:{number}: invalid UTF-8 at byte {err.start}")
+        return None
+
+
+def _lines(payload: bytes, path: str, first_line: int, bad: Bad) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each newline-ended line of a unit that is valid UTF-8."""
+    for number, line in enumerate(payload.split(b"\n")[:-1], first_line):
+        text = _utf8(line, path, number, bad)
+        if text is not None:
+            yield number, text
+
+
+def _whole_file_unit(raw: _HashingReader, file_number: int, report: FileReport) -> Iterator[Unit]:
     data = raw.read()
     report.units = 1
     yield Unit(file_number, 0, 1, data, raw.pos)
@@ -365,7 +534,7 @@ def _parquet_units(
         while block := f.read(_BLOCK):
             hasher.update(block)
     report.xxh3_64 = hasher.hexdigest()
-    rows = max(1, unit_bytes // 2048)
+    rows = max(1, unit_bytes // PARQUET_ROW_BYTES)
     try:
         parquet = pq.ParquetFile(source.path)
         number, line = 0, 1

@@ -75,7 +75,6 @@ class TokenPacker:
         self.dedup = dedup
         self.carry = np.empty(0, dtype=dtype)
         self.samples = 0
-        self.documents = 0
         self.document_tokens = 0
 
     def add(self, arrays: dict[str, np.ndarray]) -> int:
@@ -94,7 +93,6 @@ class TokenPacker:
             pieces.append(tokens[ends[i] - lengths[i] : ends[i]])
             if self.eos is not None:
                 pieces.append(self.eos)
-            self.documents += 1
             self.document_tokens += int(lengths[i])
         stream = np.concatenate(pieces)
         rows = len(stream) // self.seq_len

@@ -153,7 +153,7 @@ class ConvertJob:
         start = time.perf_counter()
         if self._already_done():
             return self.result
-        done, _ = self.work.open(self.job)
+        done = self.work.open(self.job)
         self.done = done
         self.writer = ShardWriter(
             self.out,

@@ -27,10 +27,9 @@ class WorkFolder:
         self.path = out / WORK_NAME
         self.units = self.path / "units"
 
-    def open(self, job: dict) -> tuple[set[str], bool]:
-        """Start or resume ``job``: (names of finished units, whether a different job was wiped)."""
+    def open(self, job: dict) -> set[str]:
+        """Start or resume ``job`` (wiping the folder of a different one): finished unit names."""
         job_file = self.path / JOB_NAME
-        wiped = False
         if job_file.exists():
             try:
                 same = json.loads(job_file.read_text(encoding="utf-8")) == job
@@ -38,7 +37,6 @@ class WorkFolder:
                 same = False
             if not same:
                 self.remove()
-                wiped = True
         self.units.mkdir(parents=True, exist_ok=True)
         if not job_file.exists():
             atomic_write(job_file, json.dumps(job, indent=1, sort_keys=True).encode("utf-8"))
@@ -48,7 +46,7 @@ class WorkFolder:
                 done.add(entry.name[: -len(".npz")])
             else:
                 os.unlink(entry.path)  # a temporary file left by a killed worker
-        return done, wiped
+        return done
 
     def spill_path(self, unit_name: str) -> Path:
         return self.units / f"{unit_name}.npz"
