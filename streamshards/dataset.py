@@ -524,9 +524,7 @@ class StreamingDataset(IterableDataset):
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        scalars = [
-            n for n, t in zip(self.columns, self.column_types) if t.kind in ("int64", "float64")
-        ]
+        scalars = [n for n, t in zip(self.columns, self.column_types) if t.scalar]
         for batch in self.iter_batches(join=max(1, JOIN_SAMPLES // self.batch_size)):
             for name in scalars:
                 batch[name] = batch[name].tolist()
