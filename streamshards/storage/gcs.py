@@ -24,7 +24,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "gs:// URLs need google-cloud-storage: pip install 'streamshards[gcs]'"
     ) from err
 
-from streamshards.storage import (
+from streamshards.storage.base import (
     HASH_METADATA_KEY,
     ObjectInfo,
     Progress,

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
-from streamshards.storage import CHUNK_BYTES, ObjectInfo, Progress, Storage
+from streamshards.storage.base import CHUNK_BYTES, ObjectInfo, Progress, Storage
 from streamshards.storage.retry import (
     NotFoundError,
     PermissionDeniedError,

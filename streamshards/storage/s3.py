@@ -22,7 +22,7 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("s3:// URLs need boto3: pip install 'streamshards[s3]'") from err
 
-from streamshards.storage import (
+from streamshards.storage.base import (
     CHUNK_BYTES,
     HASH_METADATA_KEY,
     ObjectInfo,
