@@ -288,10 +288,15 @@ class ShardView:
             raise self._bad_value(col, f"sample {j}", err) from None
 
     def values(self, col: int, rows: np.ndarray) -> list:
-        """Decode column ``col`` of several samples of a variable-size column at once."""
+        """Decode column ``col`` of several samples at once (columns not read as one array)."""
         c = self.columns[col]
-        starts = (c.offsets[rows] + c.data_pos).tolist()
-        ends = (c.offsets[rows + 1] + c.data_pos).tolist()
+        if c.offsets is None:
+            size = c.ctype.fixed_size
+            starts = (rows * size + c.data_pos).tolist()
+            ends = [start + size for start in starts]
+        else:
+            starts = (c.offsets[rows] + c.data_pos).tolist()
+            ends = (c.offsets[rows + 1] + c.data_pos).tolist()
         try:
             return c.ctype.decode_many(self.buf, starts, ends)
         except (ValueError, OverflowError, RecursionError) as err:

@@ -107,18 +107,9 @@ class InputFormat:
         raise NotImplementedError
 
 
-class JsonLines(InputFormat):
-    """One JSON object per line; ``.json`` too (read as JSON lines, as C4 ships it), plain,
-    gzip or zstd."""
-
-    suffixes = {
-        ".jsonl.gz": "gzip",
-        ".json.gz": "gzip",
-        ".jsonl.zst": "zstd",
-        ".json.zst": "zstd",
-        ".jsonl": None,
-        ".json": None,
-    }
+class LineFormat(InputFormat):
+    """A format of one record a line: units are runs of whole lines, decompressed by the
+    suffix's codec; a subclass writes ``records`` (``utf8_lines`` splits a unit)."""
 
     def units(
         self,
@@ -132,10 +123,24 @@ class JsonLines(InputFormat):
             source, report, lambda raw: _line_units(raw, source, file_number, unit_bytes, report)
         )
 
+
+class JsonLines(LineFormat):
+    """One JSON object per line; ``.json`` too (read as JSON lines, as C4 ships it), plain,
+    gzip or zstd."""
+
+    suffixes = {
+        ".jsonl.gz": "gzip",
+        ".json.gz": "gzip",
+        ".jsonl.zst": "zstd",
+        ".json.zst": "zstd",
+        ".jsonl": None,
+        ".json": None,
+    }
+
     def records(
         self, payload: bytes, path: str, first_line: int, rules: DocumentRules, bad: Bad
     ) -> Iterator[tuple[int, dict[str, Any]]]:
-        for number, text in _lines(payload, path, first_line, bad):
+        for number, text in utf8_lines(payload, path, first_line, bad):
             if not text.strip():
                 continue
             try:
@@ -189,7 +194,7 @@ class Text(InputFormat):
             if text is not None:
                 yield 1, {rules.text_field: text}
             return
-        for number, text in _lines(payload, path, first_line, bad):
+        for number, text in utf8_lines(payload, path, first_line, bad):
             yield number, {rules.text_field: text.rstrip("\r")}
 
 
@@ -220,17 +225,23 @@ FORMATS: dict[str, InputFormat] = {
     "parquet": Parquet(),
     "txt": Text(),
 }
-# Every supported file name ending -> (kind, compression), in registry order.
-SUFFIXES: dict[str, tuple[str, str | None]] = {
-    suffix: (kind, codec) for kind, fmt in FORMATS.items() for suffix, codec in fmt.suffixes.items()
-}
 
 
 def format_of(path: str) -> tuple[str, str | None] | None:
-    """(kind, codec) for a supported file name, else None; the longest matching ending wins."""
+    """(kind, codec) for a supported file name, else None; the longest matching ending wins,
+    so ``.jsonl.gz`` is gzip'd JSON lines whatever the registry order."""
     lower = path.lower()
-    suffix = max((s for s in SUFFIXES if lower.endswith(s)), key=len, default=None)
-    return None if suffix is None else SUFFIXES[suffix]
+    best: tuple[str, str, str | None] | None = None
+    for kind, fmt in FORMATS.items():
+        for suffix, codec in fmt.suffixes.items():
+            if lower.endswith(suffix) and (best is None or len(suffix) > len(best[0])):
+                best = suffix, kind, codec
+    return None if best is None else best[1:]
+
+
+def _supported() -> str:
+    """Every supported file name ending, for errors."""
+    return ", ".join(suffix for fmt in FORMATS.values() for suffix in fmt.suffixes)
 
 
 def find_inputs(specs: Sequence[str]) -> list[InputFile]:
@@ -255,13 +266,13 @@ def find_inputs(specs: Sequence[str]) -> list[InputFile]:
             )
             if not found:
                 raise ConvertError(
-                    f"input folder {spec!r} holds no supported file ({', '.join(SUFFIXES)})"
+                    f"input folder {spec!r} holds no supported file ({_supported()})"
                 )
             paths.extend(found)
         elif os.path.isfile(spec):
             if not format_of(spec):
                 raise ConvertError(
-                    f"input {spec!r}: unsupported file type; supported: {', '.join(SUFFIXES)}"
+                    f"input {spec!r}: unsupported file type; supported: {_supported()}"
                 )
             paths.append(spec)
         else:
@@ -417,7 +428,7 @@ def _utf8(data: bytes, path: str, number: int, bad: Bad) -> str | None:
         return None
 
 
-def _lines(payload: bytes, path: str, first_line: int, bad: Bad) -> Iterator[tuple[int, str]]:
+def utf8_lines(payload: bytes, path: str, first_line: int, bad: Bad) -> Iterator[tuple[int, str]]:
     """(line number, text) of each newline-ended line of a unit that is valid UTF-8."""
     for number, line in enumerate(payload.split(b"\n")[:-1], first_line):
         text = _utf8(line, path, number, bad)
