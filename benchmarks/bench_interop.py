@@ -24,7 +24,7 @@ from pathlib import Path
 from streamshards import StreamingDataset
 from streamshards.interop.convert import convert_foreign
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "interop"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "interop"
 
 
 def scale(name: str, folder: Path, megabytes: float) -> int:

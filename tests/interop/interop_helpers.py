@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "interop"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "interop"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "expected.json").exists())
 
 
