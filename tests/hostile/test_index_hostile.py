@@ -12,28 +12,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hostile_helpers import write
 
-from streamshards import ShardWriter, StreamingDataset, load_index
+from streamshards import StreamingDataset, load_index
 from streamshards.cli import main
 from streamshards.format import ShardError
 from streamshards.index import INDEX_NAME, IndexFormatError
-
-COLUMNS = {"id": "int64", "text": "str"}
-SAMPLES = [{"id": k, "text": f"sample {k} " + "ab\u00e9" * (k % 17)} for k in range(60)]
-
-
-@pytest.fixture(autouse=True)
-def _single_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-
-
-def write(folder: Path, compression: str | None = "zstd") -> Path:
-    """A dataset of SAMPLES in several shards."""
-    with ShardWriter(folder, COLUMNS, compression=compression, size_limit=1500) as writer:
-        for sample in SAMPLES:
-            writer.write(sample)
-    return folder
 
 
 def edit_index(folder: Path, change) -> None:

@@ -21,29 +21,13 @@ import pytest
 import xxhash
 import zstandard
 from click.testing import CliRunner
+from hostile_helpers import COLUMNS, write
 
 from streamshards import ShardWriter, StreamingDataset, load_index
 from streamshards.cli import main
 from streamshards.columns import parse_column_type
 from streamshards.format import ShardError, build_shard
 from streamshards.index import INDEX_NAME, Index, ShardInfo, write_index
-
-COLUMNS = {"id": "int64", "text": "str"}
-SAMPLES = [{"id": k, "text": f"sample {k} " + "ab\u00e9" * (k % 17)} for k in range(60)]
-
-
-@pytest.fixture(autouse=True)
-def _single_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-
-
-def write(folder: Path, compression: str | None = "zstd") -> Path:
-    """A dataset of SAMPLES in several shards."""
-    with ShardWriter(folder, COLUMNS, compression=compression, size_limit=1500) as writer:
-        for sample in SAMPLES:
-            writer.write(sample)
-    return folder
 
 
 def replace_shard(folder: Path, k: int, stored: bytes, raw_bytes: int | None = None) -> str:
