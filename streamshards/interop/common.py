@@ -186,32 +186,47 @@ def item_table(
     buf: Any, offsets: np.ndarray, codecs: list[Codec], headed: list[int], name: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """(starts, sizes), each (rows, columns), of rows whose bytes begin with a u32 size per
-    column in ``headed`` and then hold the columns back to back; checked against ``offsets``."""
+    column in ``headed`` and then hold the columns back to back; checked against ``offsets``.
+    Run once per shard opened, so it keeps to a few whole-array steps."""
     rows = len(offsets) - 1
+    if not rows:
+        empty = np.zeros((0, len(codecs)), np.int64)
+        return empty, empty
     begin = offsets[:-1]
     lengths = offsets[1:] - begin
     head = 4 * len(headed)
-    if rows and lengths.min() < head:
+    if lengths.min() < head:
         j = int(np.argmax(lengths < head))
         raise ShardError(f"shard {name}: sample {j} is {lengths[j]} bytes, shorter than its header")
-    sizes = np.empty((rows, len(codecs)), dtype=np.int64)
-    sizes[:] = [c.size or 0 for c in codecs]
-    if headed and rows:
-        at = begin[:, None] + np.arange(head)[None, :]
-        sizes[:, headed] = np.frombuffer(buf, dtype=np.uint8)[at].view("<u4")
-    ends = np.cumsum(sizes, axis=1)
-    starts = ends - sizes
-    starts += (begin + head)[:, None]
-    if rows and not np.array_equal(ends[:, -1] + head, lengths):
-        j = int(np.argmax(ends[:, -1] + head != lengths))
+    fixed = [c.size or 0 for c in codecs]
+    stored = None
+    total = np.int64(head + sum(fixed) - sum(fixed[k] for k in headed))
+    if headed:
+        at = begin[:, None] + np.arange(head)
+        stored = np.frombuffer(buf, dtype=np.uint8)[at].view("<u4").astype(np.int64)
+        total = (stored[:, 0] if len(headed) == 1 else stored.sum(axis=1)) + total
+    wrong = total != lengths
+    if wrong.any():
+        j = int(np.argmax(wrong))
+        given = int(total if stored is None else total[j])
         raise ShardError(
-            f"shard {name}: sample {j}'s column sizes add up to {int(ends[j, -1]) + head} "
-            f"bytes, its offsets give {int(lengths[j])}"
+            f"shard {name}: sample {j}'s column sizes add up to {given} bytes, its offsets give "
+            f"{int(lengths[j])}"
         )
-    for k in headed:
+    for i, k in enumerate(headed):
         size = codecs[k].size
-        if size is not None and rows and np.any(sizes[:, k] != size):
+        if size is not None and np.any(stored[:, i] != size):
             raise ShardError(f"shard {name}: column {k} has a size other than {size}")
+    if len(codecs) == 1:  # one column, as in LLM Foundry token datasets: no sums across
+        sizes = stored if stored is not None else np.full((rows, 1), fixed[0], np.int64)
+        return (begin + head)[:, None], sizes
+    sizes = np.empty((rows, len(codecs)), dtype=np.int64)
+    sizes[:] = fixed
+    if stored is not None:
+        sizes[:, headed] = stored
+    starts = np.cumsum(sizes, axis=1)
+    starts -= sizes
+    starts += (begin + head)[:, None]
     return starts, sizes
 
 
@@ -328,13 +343,14 @@ class RowView:
                     f"shard {self.name}: column {self.names[col]!r} of sample {j} is not one "
                     f"{dtype} array of shape {shape}, as its first sample is"
                 )
-        starts = self.starts[:, col]
-        if codec.skip:
-            starts = starts + codec.skip
+        starts = self.starts[:, col]  # where each value begins, its skip header bytes included
         step = int(starts[1] - starts[0]) if n > 1 else width
         if n and step >= width and (n < 3 or (starts[2:] - starts[1:-1] == step).all()):
             inner = [dtype.itemsize * math.prod(shape[k + 1 :]) for k in range(len(shape))]
-            return np.ndarray((n, *shape), dtype, self.buf, int(starts[0]), (step, *inner))
+            first = int(starts[0]) + codec.skip
+            return np.ndarray((n, *shape), dtype, self.buf, first, (step, *inner))
+        if codec.skip:
+            starts = starts + codec.skip
         at = starts[:, None] + np.arange(width)[None, :]
         data = np.frombuffer(self.buf, dtype=np.uint8)[at] if n else np.zeros((0, width), np.uint8)
         return data.view(dtype).reshape((n, *shape))
