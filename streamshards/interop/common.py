@@ -22,6 +22,10 @@ import zstandard
 from streamshards.format import ShardError
 from streamshards.index import MAX_SAMPLES, IndexFormatError, ShardInfo
 
+# Shard files up to this size are read into memory in one call: for them a memory map (its
+# page faults and unmapping) costs more than the copy. Larger ones are mapped, never copied.
+SMALL_FILE = 1 << 20
+
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 # Checked in this order: the first one an index records is the one verified (fastest first).
@@ -93,9 +97,23 @@ def map_file(path: Path, name: str, size: int | None) -> bytes | mmap.mmap:
             raise ShardError(
                 f"shard {name}: file is {st.st_size} bytes, index says {size} (truncated?)"
             )
-        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else b""
+        if st.st_size > SMALL_FILE:
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        return read_all(fd, st.st_size, name)
     finally:
         os.close(fd)
+
+
+def read_all(fd: int, size: int, name: str) -> bytes:
+    """The ``size`` bytes of an open file, in as few reads as the kernel allows."""
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            raise ShardError(f"shard {name}: file ended {left} bytes early (truncated while read?)")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def check_hash(data: Any, hashes: dict, name: str) -> None:

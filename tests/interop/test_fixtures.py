@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import pickle
 
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 from interop_helpers import FIXTURES, NAMES, comparable, expected, expected_samples, options
 
 from streamshards import Stream, StreamingDataset
+from streamshards.format import ShardError
 from streamshards.index import IndexFormatError
+from streamshards.interop.common import SMALL_FILE, map_file
 
 
 def open_fixture(name: str, **kwargs) -> StreamingDataset:
@@ -51,7 +54,7 @@ def test_batches_hold_native_arrays(name):
 )
 def test_token_rows_are_fixed_length_integer_rows(name, column):
     """LLM Foundry's tokens, current (ndarray:int32) and legacy (int64 bytes), come out as
-    fixed-length integer rows, read straight from the memory-mapped shard."""
+    fixed-length integer rows, views of the shard's bytes (no copy per row)."""
     ds = open_fixture(name, batch_size=8)
     assert ds.columns == {"tokens": column}
     row = ds[0]["tokens"]
@@ -126,3 +129,15 @@ def test_spawned_loader_workers_read_foreign_shards(name):
         for i in range(len(next(iter(batch.values()))))
     ]
     assert got == expected_samples(name)
+
+
+def test_small_shard_files_are_read_large_ones_mapped(tmp_path):
+    """A small shard costs less read in one call than mapped; a large one is mapped, not copied."""
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.write_bytes(b"s" * SMALL_FILE)
+    large.write_bytes(b"l" * (SMALL_FILE + 1))
+    data = map_file(small, "small", SMALL_FILE)
+    assert isinstance(data, bytes) and data == small.read_bytes()
+    assert isinstance(map_file(large, "large", SMALL_FILE + 1), mmap.mmap)
+    with pytest.raises(ShardError, match="shard small: file is 1048576 bytes, index says 7"):
+        map_file(small, "small", 7)
