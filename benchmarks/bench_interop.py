@@ -4,8 +4,10 @@ The uncompressed MDS fixtures written by MosaicML Streaming (``mds_text``: text,
 ``mds_tokens_int32``: LLM Foundry token rows) are scaled to ``--mb`` megabytes by listing
 their shard files many times over (copied byte for byte, so their recorded hashes hold). Each
 is read for one epoch in-process (``iter_batches``) through streamshards' MDS reader, and
-through a native, uncompressed copy of it with shards of the same size; a second epoch finds
-the shards open and verified. Then ``convert_foreign`` into native shards is timed beside
+through a native, uncompressed copy of it with shards of the same byte limit (fewer shards
+when convert narrows token rows to uint16), and through one with as many samples a shard as
+the MDS shards; a second epoch finds the shards open and verified (up to the dataset's limit
+of open shards). Then ``convert_foreign`` into native shards is timed beside
 ``shutil.copytree`` of the same folder. Every row is the fastest of ``--repeat`` runs.
 
     python benchmarks/bench_interop.py --mb 200
@@ -68,19 +70,32 @@ def bench(name: str, tmp: Path, args: argparse.Namespace) -> None:
     shard_bytes = json.loads((mds / "index.json").read_text())["shards"][0]["size_limit"]
     native = tmp / f"{name}-native"
     convert_foreign(str(mds), native, compression=None, size_limit=shard_bytes)
+    # The native copy may be smaller (token rows narrowed to uint16), so at the same byte
+    # limit it has fewer shards; a second copy holds as many samples a shard as the MDS one.
+    written = sum(p.stat().st_size for p in native.iterdir() if p.name != "index.json")
+    same = tmp / f"{name}-native-same-shards"
+    convert_foreign(str(mds), same, compression=None, size_limit=int(shard_bytes * written / size))
+    counts = {
+        f: len(StreamingDataset(local=str(f)).sources[0].index.shards) for f in (native, same, mds)
+    }
+    print(
+        f"{name:<18} shards: MDS {counts[mds]}, native copy {counts[native]}, "
+        f"same shard count {counts[same]}"
+    )
 
     def row(label: str, seconds: float, baseline: float | None) -> None:
         ratio = f"{baseline / seconds:.0%}" if baseline else "baseline"
         rate = size / seconds / 1e6
-        print(f"{name:<18} {label:<34} {seconds:8.3f} {rate:9.1f} {ratio:>12}")
+        print(f"{name:<18} {label:<40} {seconds:8.3f} {rate:9.1f} {ratio:>12}")
 
     def fresh(folder: Path) -> None:
         epoch(StreamingDataset(local=str(folder), batch_size=args.batch))
 
-    opened = {f: StreamingDataset(local=str(f), batch_size=args.batch) for f in (native, mds)}
+    folders = (native, same, mds)
+    opened = {f: StreamingDataset(local=str(f), batch_size=args.batch) for f in folders}
     for which in ("first", "second"):
         times = {}
-        for folder in (native, mds):
+        for folder in folders:
             if which == "first":
                 times[folder] = best(args.repeat, lambda f=folder: fresh(f))
             else:
@@ -88,6 +103,8 @@ def bench(name: str, tmp: Path, args: argparse.Namespace) -> None:
                 times[folder] = best(args.repeat, lambda d=opened[folder]: epoch(d))
         row(f"read, {which} epoch: native copy", times[native], None)
         row(f"read, {which} epoch: MDS in place", times[mds], times[native])
+        row(f"read, {which}: native, same shard count", times[same], None)
+        row(f"read, {which}: MDS vs same shard count", times[mds], times[same])
 
     copied = tmp / f"{name}-copy"
     out = tmp / f"{name}-out"
@@ -110,7 +127,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    print(f"{'dataset':<18} {'row':<34} {'seconds':>8} {'MB/s':>9} {'vs baseline':>12}")
+    print(f"{'dataset':<18} {'row':<40} {'seconds':>8} {'MB/s':>9} {'vs baseline':>12}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("mds_text", "mds_tokens_int32"):
             bench(name, Path(tmp), args)
