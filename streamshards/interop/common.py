@@ -363,7 +363,9 @@ class RowView:
                 )
         starts = self.starts[:, col]  # where each value begins, its skip header bytes included
         step = int(starts[1] - starts[0]) if n > 1 else width
-        if n and step >= width and (n < 3 or (starts[2:] - starts[1:-1] == step).all()):
+        # One column of one size: rows back to back (as offsets give them) are evenly spaced.
+        even = n < 3 or len(self.codecs) == 1 or (starts[2:] - starts[1:-1] == step).all()
+        if n and step >= width and even:
             inner = [dtype.itemsize * math.prod(shape[k + 1 :]) for k in range(len(shape))]
             first = int(starts[0]) + codec.skip
             return np.ndarray((n, *shape), dtype, self.buf, first, (step, *inner))
