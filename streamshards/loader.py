@@ -51,6 +51,13 @@ class _Run:
     columns: dict[str, Any]
     sizes: list[int]
 
+    def pin_memory(self) -> _Run:
+        """The run with its tensors in pinned memory (what ``pin_memory=True`` calls)."""
+        columns = {
+            k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.columns.items()
+        }
+        return _Run(columns, self.sizes)
+
     def batches(self) -> Iterator[dict[str, Any]]:
         """The batches in order: tensor slices (views) and list slices."""
         start = 0
