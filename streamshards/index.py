@@ -21,6 +21,9 @@ INDEX_NAME = "index.json"
 FORMAT_NAME = "streamshards"
 FORMAT_VERSION = 1
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_DIGEST = re.compile(r"[0-9a-f]{16}")
+_NAMES = re.compile(rf"{_SAFE_NAME.pattern}(?:\n{_SAFE_NAME.pattern})*")
+_DIGESTS = re.compile(rf"{_DIGEST.pattern}(?:\n{_DIGEST.pattern})*")
 #: Sample counts and their sum must fit a signed 64-bit integer (numpy's int64 sample ids).
 MAX_SAMPLES = 2**63 - 1
 #: The most raw bytes per stored byte one zstd frame can yield: a block yields at most
@@ -165,15 +168,37 @@ def min_raw_bytes(types: list[ColumnType]) -> tuple[int, int]:
     return base, sum(8 if size is None else size for size in sizes)
 
 
-def _shard_info(entry: Any, where: str, least: tuple[int, int]) -> ShardInfo:
-    """One validated shard entry; the sizes must be possible for its sample count."""
+def _names_and_digests_ok(entries: list) -> bool:
+    """Whether every entry's file name and xxh3-64 are well formed, checked in one regex pass
+    over each list joined by newlines (which neither may contain): the common case costs no
+    per-entry regex, and anything else goes to the per-entry checks that name the field."""
+    try:
+        names = [entry["file"] for entry in entries]
+        digests = [entry["hash"]["xxh3_64"] for entry in entries]
+    except (TypeError, KeyError, IndexError):
+        return False
+    for values, pattern in ((names, _NAMES), (digests, _DIGESTS)):
+        if not all(type(v) is str for v in values):
+            return False
+        joined = "\n".join(values)
+        if joined.count("\n") != len(values) - 1 or not pattern.fullmatch(joined):
+            return False
+    return True
+
+
+def _shard_info(entry: Any, where: str, least: tuple[int, int], checked: bool) -> ShardInfo:
+    """One validated shard entry; the sizes must be possible for its sample count. ``checked``:
+    its name and hash already passed ``_names_and_digests_ok``."""
     if not isinstance(entry, dict):
         raise IndexFormatError(f"{where}: not an object")
-    name = check_shard_name(_field(entry, "file", str, where), where)
-    hashes = _field(entry, "hash", dict, where)
-    digest = hashes.get("xxh3_64")
-    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{16}", digest):
-        raise IndexFormatError(f"{where}: field 'hash.xxh3_64' must be 16 hex digits")
+    if checked:
+        name, digest = entry["file"], entry["hash"]["xxh3_64"]
+    else:
+        name = check_shard_name(_field(entry, "file", str, where), where)
+        hashes = _field(entry, "hash", dict, where)
+        digest = hashes.get("xxh3_64")
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise IndexFormatError(f"{where}: field 'hash.xxh3_64' must be 16 hex digits")
     compression = entry.get("compression")
     if compression not in (None, "zstd"):
         raise IndexFormatError(f"{where}: unknown compression {compression!r}")
@@ -228,9 +253,11 @@ def parse_index(obj: Any, source: str) -> Index:
     shards = []
     seen = set()
     total = 0
-    for k, entry in enumerate(_field(obj, "shards", list, source)):
+    entries = _field(obj, "shards", list, source)
+    checked = _names_and_digests_ok(entries)
+    for k, entry in enumerate(entries):
         where = f"{source}: shards[{k}]"
-        info = _shard_info(entry, where, least)
+        info = _shard_info(entry, where, least, checked)
         if info.file in seen or info.file == INDEX_NAME:
             raise IndexFormatError(f"{where}: shard file {info.file!r} is listed twice or clashes")
         seen.add(info.file)

@@ -44,6 +44,19 @@ CASES = [
         lambda obj: obj["shards"][0].update(file=obj["shards"][0]["file"] + "\n"),
         ["shards[0]", "not a plain file name"],
     ),
+    (
+        "two names in one",  # each half is a plain name: only the whole name may be checked
+        lambda obj: obj["shards"][1].update(file="shard.a\nshard.b"),
+        ["shards[1]", "not a plain file name"],
+    ),
+    (
+        "hash of 15 and 17 digits",
+        lambda obj: [
+            obj["shards"][k]["hash"].update(xxh3_64=digest)
+            for k, digest in ((0, "0" * 15), (1, "0" * 17))
+        ],
+        ["shards[0]", "field 'hash.xxh3_64'"],
+    ),
     ("columns list", lambda obj: obj.update(columns=["id"]), ["field 'columns'"]),
     ("shards object", lambda obj: obj.update(shards={}), ["field 'shards'"]),
 ]
