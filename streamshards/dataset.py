@@ -528,9 +528,14 @@ class StreamingDataset(IterableDataset):
         for batch in self.iter_batches(join=max(1, JOIN_SAMPLES // self.batch_size)):
             for name in scalars:
                 batch[name] = batch[name].tolist()
-            size = len(next(iter(batch.values())))
-            for k in range(size):
-                yield {name: values[k] for name, values in batch.items()}
+            if len(batch) == 1:  # the common case of one column: no per-sample zip
+                ((name, values),) = batch.items()
+                for value in values:
+                    yield {name: value}
+            else:
+                names = list(batch)
+                for row in zip(*batch.values()):
+                    yield dict(zip(names, row))
 
 
 def _is_int(value: Any) -> bool:
