@@ -294,15 +294,19 @@ def load_index(path: str | os.PathLike) -> Index:
     return parse_index_bytes(text, str(path))
 
 
-def parse_index_bytes(text: bytes, source: str) -> Index:
-    """Parse index.json bytes; malformed JSON is reported with its line and column."""
+def decode_index_json(text: bytes, source: str) -> Any:
+    """The JSON value of index.json bytes; malformed JSON is reported with its line and column."""
     try:
-        obj = json.loads(text)
+        return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IndexFormatError(f"{source}: malformed JSON: {err}") from None
     except RecursionError:
         raise IndexFormatError(f"{source}: JSON is nested too deeply to read") from None
-    return parse_index(obj, source)
+
+
+def parse_index_bytes(text: bytes, source: str) -> Index:
+    """Parse and validate native index.json bytes."""
+    return parse_index(decode_index_json(text, source), source)
 
 
 def index_bytes(index: Index) -> bytes:

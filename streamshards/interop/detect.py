@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from streamshards.index import FORMAT_NAME
@@ -23,13 +22,10 @@ def index_kind(obj: Any) -> str:
     return "native"  # let the native parser name what is wrong with it
 
 
-def load_foreign(text: bytes, source: str, options: dict[str, Any]) -> ForeignFormat | None:
-    """The parsed MDS or LitData index in ``text``, or None when it is (or claims to be) native;
-    its source calls ``complete`` once it can reach the first shard."""
-    try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        return None
+def load_foreign(obj: Any, source: str, options: dict[str, Any]) -> ForeignFormat | None:
+    """The MDS or LitData index that the decoded index.json ``obj`` describes, or None when it
+    is (or claims to be) native; its source calls ``complete`` once it can reach the first
+    shard."""
     kind = index_kind(obj)
     if kind == "mds":
         return MDSFormat(obj, source, options)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from streamshards.format import ShardView
-from streamshards.index import Index, parse_index_bytes
+from streamshards.index import Index, decode_index_json, parse_index
 from streamshards.interop import ForeignFormat, load_foreign
 
 
@@ -56,11 +56,12 @@ class ShardSource:
 
 def read_index(text: bytes, source: str, options: dict[str, Any]) -> tuple[Index, Any]:
     """(index, foreign reader or None) of index.json bytes: native, MDS or LitData."""
-    foreign = load_foreign(text, source, options)
+    obj = decode_index_json(text, source)  # decoded once, for detection and parsing
+    foreign = load_foreign(obj, source, options)
     if foreign is not None:
         return foreign.index, foreign
     if options:
         raise ValueError(
             f"{source}: option(s) {sorted(options)} apply to MDS or LitData datasets only"
         )
-    return parse_index_bytes(text, source), None
+    return parse_index(obj, source), None
