@@ -70,7 +70,14 @@ DEFAULTS: dict[str, Any] = {
         "max_rollbacks": 3,  # rollbacks in one run before it gives up
     },
     # Fault injection for tests (trainer/faults.py): "STEP" (every rank) or "STEP@RANK".
-    "inject": {"oom": None, "oom_backward": None, "spike": None, "nan": None, "hang": None},
+    "inject": {
+        "oom": None,
+        "oom_backward": None,
+        "oom_optimizer": None,
+        "spike": None,
+        "nan": None,
+        "hang": None,
+    },
 }
 
 

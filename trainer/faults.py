@@ -16,7 +16,7 @@ import torch
 from trainer.config import ConfigError
 from trainer.model import Transformer
 
-KINDS = ("oom", "oom_backward", "spike", "nan", "hang")
+KINDS = ("oom", "oom_backward", "oom_optimizer", "spike", "nan", "hang")
 SPIKE_FACTOR = 100.0
 
 
@@ -46,13 +46,15 @@ class Faults:
         self.steps[kind] = None
         return True
 
-    def before_step(self, step: int, model: Transformer) -> float:
+    def before_step(self, step: int, model: Transformer, optimizer: torch.optim.Optimizer) -> float:
         """Fire this step's faults; returns the factor for the step's loss (1, 100 or NaN)."""
         if self._due("hang", step):
             time.sleep(10**6)
         for kind in ("oom", "oom_backward"):
             if self._due(kind, step):
                 raise_oom_once(model, step, self.rank, backward=kind == "oom_backward")
+        if self._due("oom_optimizer", step):
+            raise_oom_after_optimizer_step(optimizer, step, self.rank)
         if self._due("nan", step):
             return float("nan")
         return SPIKE_FACTOR if self._due("spike", step) else 1.0
@@ -76,3 +78,16 @@ def raise_oom_once(model: Transformer, step: int, rank: int, backward: bool) -> 
             raise_error()
 
     handle = model.blocks[-1 if backward else 0].register_forward_hook(hook)
+
+
+def raise_oom_after_optimizer_step(optimizer: torch.optim.Optimizer, step: int, rank: int) -> None:
+    """The next ``optimizer.step()`` raises a CUDA out-of-memory error on this rank after it
+    has updated the parameters: the worst case, a step that leaves them changed."""
+
+    def hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        handle.remove()
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory (injected in the optimizer step at step {step} on rank {rank})"
+        )
+
+    handle = optimizer.register_step_post_hook(hook)

@@ -147,6 +147,33 @@ class MicrobatchSearch:
                 )
                 self.size = smaller
 
+    def optimizer_step(self, step: Callable[[], Any]) -> bool:
+        """Run ``step()`` (the optimizer's); True if it ran out of memory on any rank.
+
+        A failed step may have updated some parameters and moment buffers already (foreach
+        and fused AdamW update them in place, tensor list by tensor list), so it cannot be
+        redone in place: the caller rolls back to the latest checkpoint. Every rank agrees
+        on the outcome over the side group (no collective runs inside AdamW's step).
+        """
+        failed = False
+        try:
+            step()
+        except torch.OutOfMemoryError as error:
+            if self.agreement is None:
+                raise
+            failed = True
+            self.log("oom", where="optimizer step", error=str(error).splitlines()[0][:200])
+        if self.agreement is None:
+            return False
+        try:
+            self.agreement.check(failed)
+        except OutOfMemoryElsewhere:
+            failed = True
+            self.log("oom", where="optimizer step on another rank")
+        if failed and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return failed
+
     def state_dict(self) -> int:
         """The microbatch size found (saved in checkpoints)."""
         return self.size

@@ -180,6 +180,7 @@ class StepResult:
     action: str  # STEP, SKIP or ROLLBACK (guards.py)
     reason: str
     stop: bool  # some rank was asked to stop
+    optimizer_oom: bool = False  # the optimizer step ran out of memory on some rank
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         loader_after = loader.state_dict()
         result = train_step(run, batch)
         elapsed = time.perf_counter() - started
+        if result.optimizer_oom:
+            state.rollbacks += 1
+            if state.rollbacks > config["guard"]["max_rollbacks"]:
+                log.event("give_up", state.step, reason="out of memory in the optimizer step")
+                return EXIT_TOO_MANY_ROLLBACKS
+            replay(run)
+            batches = endless(loader)
+            continue
         if result.action == ROLLBACK:
             state.rollbacks += 1
             if state.rollbacks > config["guard"]["max_rollbacks"]:
@@ -360,7 +369,7 @@ def train_step(run: Run, batch: dict[str, Any]) -> StepResult:
     lr = lr_at(step, config["optim"], config["max_steps"])
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_scale = run.faults.before_step(step, model)
+    loss_scale = run.faults.before_step(step, model, optimizer)
     loss = run.search.run(
         partial(
             forward_backward,
@@ -380,10 +389,11 @@ def train_step(run: Run, batch: dict[str, Any]) -> StepResult:
     dist.all_reduce(shared)
     loss_value, stop_requested = shared[0].item(), shared[1].item() > 0
     action, reason = run.guard.judge(loss_value, grad_norm.item())
-    if action == STEP:
-        optimizer.step()
+    optimizer_oom = action == STEP and run.search.optimizer_step(optimizer.step)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(lr, loss_value, grad_norm.item(), action, reason, stop_requested)
+    return StepResult(
+        lr, loss_value, grad_norm.item(), action, reason, stop_requested, optimizer_oom
+    )
 
 
 def rollback(run: Run, reason: str, loader_after: dict[str, Any]) -> bool:
@@ -407,6 +417,30 @@ def rollback(run: Run, reason: str, loader_after: dict[str, Any]) -> bool:
     run.state.step = saved["train"]["step"]
     run.watchdog.beat()
     return True
+
+
+def replay(run: Run) -> None:
+    """After an OOM in the optimizer step (which may have updated part of the parameters),
+    return to the latest checkpoint, data position included, and run the same steps again."""
+    step = run.state.step
+    checkpoint = latest_checkpoint(run.checkpoints)
+    if checkpoint is None:
+        raise RuntimeError(
+            f"out of memory in the optimizer step at step {step}, before the first checkpoint "
+            "(parameters may be partly updated); a restart begins the run again"
+        )
+    saved = load_checkpoint(
+        checkpoint, run.model, run.optimizer, {"guard": run.guard, "loader": run.loader}
+    )
+    run.log.event(
+        "rollback",
+        step,
+        reason="out of memory in the optimizer step; replaying the same data",
+        to_step=saved["train"]["step"],
+        rollbacks=run.state.rollbacks,
+    )
+    run.state.step = saved["train"]["step"]
+    run.watchdog.beat()
 
 
 def maybe_save(run: Run, stop: bool) -> None:

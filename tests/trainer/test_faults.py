@@ -96,3 +96,21 @@ def test_a_hung_rank_dumps_stacks_exits_and_torchrun_restarts_and_resumes(
     assert resume["step"] == 3
     steps, _ = read_metrics(run_dir)
     assert sorted(steps) == list(range(1, 11))
+
+
+def test_an_oom_in_the_optimizer_step_rolls_back_and_replays_the_same_steps(
+    tmp_path: Path, token_data: Path, reference: Path
+) -> None:
+    run_dir = tmp_path / "oom_optimizer"
+    # Step 5 on rank 1 only: its parameters are already updated when the error comes.
+    code, output = train(token_data, run_dir, "inject.oom_optimizer=5@1")
+    assert code == 0, output
+    assert "injected in the optimizer step" in output
+    assert "where=optimizer step on another rank" in output  # rank 0 agreed
+    (rollback,) = events(run_dir, "rollback")
+    assert rollback["step"] == 5 and rollback["to_step"] == 3
+    assert "optimizer step" in rollback["reason"]
+    # The replayed steps 4-5 see the same data from the same state: the reference's losses.
+    assert losses(run_dir) == losses(reference)
+    steps, _ = read_metrics(run_dir)
+    assert [steps[s]["samples_seen"] for s in range(1, 11)] == [8 * s for s in range(1, 11)]
