@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "watchdog_timeout": 600.0,  # seconds one step may take; 0 disables the watchdog
     "deterministic": False,  # deterministic kernels (exact resume on CPU)
     "peak_flops": None,  # accelerator peak FLOP/s for MFU; None: from the device name
+    "tensorboard": False,  # also write metrics to run_dir/tensorboard (the tensorboard extra)
     "model": {
         "vocab_size": "auto",  # auto: the tokenizer's, from the dataset's provenance
         "seq_len": 2048,
@@ -219,6 +220,7 @@ SCHEMA: dict[str, Rule] = {
     "watchdog_timeout": Rule("float", 0),
     "deterministic": Rule("bool"),
     "peak_flops": Rule("float", 0, above=True, words=(None,)),
+    "tensorboard": Rule("bool"),
     "model.vocab_size": Rule("int", 1, words=("auto",)),
     "model.seq_len": Rule("int", 1),
     "model.dim": Rule("int", 1),

@@ -1,4 +1,5 @@
-"""Per-step metrics and events: one JSON line each in run_dir/metrics.jsonl, and the console."""
+"""Per-step metrics and events: one JSON line each in run_dir/metrics.jsonl, and the console,
+and optionally TensorBoard scalars in run_dir/tensorboard."""
 
 from __future__ import annotations
 
@@ -13,6 +14,20 @@ from typing import Any
 
 import torch
 
+from trainer.config import ConfigError
+
+# The step record's fields that become TensorBoard scalars, under "train/".
+SCALARS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "peak_mem_gb",
+    "data_wait_s",
+    "step_time_s",
+    "microbatch_size",
+)
 # Dense bf16 peak FLOP/s by device name (vendor datasheets, without sparsity).
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
@@ -50,18 +65,23 @@ class MetricsLog:
     (``trainer.plot`` and the tests read it that way). Events carry an ``event`` key.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, rank: int):
+    def __init__(self, run_dir: str | os.PathLike, rank: int, tensorboard: bool = False):
         self.rank = rank
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = None
+        self.board = None
         if rank == 0:
             _drop_torn_line(self.path)
             self.file = open(self.path, "a")
+            if tensorboard:
+                self.board = TensorBoardLog(Path(run_dir) / "tensorboard")
 
     def step(self, record: dict[str, Any]) -> None:
         if self.file is None:
             return
         self._write(record)
+        if self.board is not None:
+            self.board.step(record)
         print(console_line(record), flush=True)
 
     def event(self, kind: str, step: int, everywhere: bool = False, **fields: Any) -> None:
@@ -70,6 +90,8 @@ class MetricsLog:
         text = " ".join(f"{k}={v}" for k, v in fields.items())
         if self.file is not None:
             self._write(record)
+        if self.board is not None:
+            self.board.event(record)
         if self.file is not None or everywhere:
             print(
                 f"[rank {self.rank}] event {kind} at step {step}: {text}",
@@ -84,6 +106,38 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+class TensorBoardLog:
+    """The same step records and events as TensorBoard scalars (``tensorboard: true``):
+    ``train/<field>`` per step, and ``events/<kind>`` = 1 at each event's step, with the
+    event's JSON line as text under ``events``."""
+
+    def __init__(self, folder: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "tensorboard: true needs the tensorboard package "
+                "(pip install 'streamshards[tensorboard]'), or set tensorboard=false"
+            ) from None
+        self.writer = SummaryWriter(str(folder))
+
+    def step(self, record: dict[str, Any]) -> None:
+        for name in SCALARS:
+            if record.get(name) is not None:
+                self.writer.add_scalar(f"train/{name}", record[name], record["step"])
+        self.writer.flush()
+
+    def event(self, record: dict[str, Any]) -> None:
+        self.writer.add_scalar(f"events/{record['event']}", 1, record["step"])
+        self.writer.add_text("events", json.dumps(record, allow_nan=True), record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def console_line(r: dict[str, Any]) -> str:

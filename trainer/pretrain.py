@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Checkpoint / resume: every stateful part (Run.parts) is saved and loaded by name.
     state = TrainState()
-    log = MetricsLog(config["run_dir"], rank)
+    log = MetricsLog(config["run_dir"], rank, tensorboard=config["tensorboard"])
     auto = config["microbatch_size"] == "auto"
     search = MicrobatchSearch(
         model,
