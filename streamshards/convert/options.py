@@ -32,6 +32,7 @@ class ConvertOptions:
     user_filter: str | None = None
     unit_size: str | int = "2MB"
     overwrite: bool = False
+    engine: str = "local"
 
 
 @dataclass

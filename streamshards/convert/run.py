@@ -27,6 +27,7 @@ import xxhash
 
 from streamshards._version import __version__
 from streamshards.convert.documents import DocumentRules, load_filter
+from streamshards.convert.engine import ENGINES
 from streamshards.convert.errors import ConvertError
 from streamshards.convert.inputs import FileReport, InputFile, find_inputs, read_units
 from streamshards.convert.lock import LOCK_NAME, OutputLock
@@ -91,6 +92,8 @@ class ConvertJob:
             raise ConvertError(f"--on-error {o.on_error!r}: expected fail or skip")
         if o.tail not in ("drop", "pad"):
             raise ConvertError(f"--tail {o.tail!r}: expected drop or pad")
+        if o.engine not in ENGINES:
+            raise ConvertError(f"--engine {o.engine!r}: expected one of {', '.join(ENGINES)}")
         if o.workers is not None and o.workers < 1:
             raise ConvertError(f"--workers {o.workers}: need at least 1")
         if o.seq_len < 1:
@@ -109,7 +112,7 @@ class ConvertJob:
     def _describe_job(self) -> dict:
         """Everything that decides the output bytes; a work folder is reused only for the same."""
         options = asdict(self.options)
-        for name in ("inputs", "out", "workers", "overwrite", "tokenizer"):
+        for name in ("inputs", "out", "workers", "overwrite", "tokenizer", "engine"):
             options.pop(name)
         options["keep_fields"] = list(self.keep_fields)
         options["unit_bytes"] = self.unit_bytes
@@ -420,4 +423,8 @@ def convert(
     options: ConvertOptions, progress: Callable[[Progress], None] | None = None
 ) -> ConvertResult:
     """Run a convert job (see ConvertOptions); resumes an interrupted one with the same options."""
+    if options.engine != "local":
+        from streamshards.convert.distributed import DistributedJob
+
+        return DistributedJob(options, progress).run()
     return ConvertJob(options, progress).run()

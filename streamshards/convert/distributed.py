@@ -1,0 +1,512 @@
+"""Convert on an engine (``--engine ray``): the same bytes as a local run, in three phases.
+
+1. One task per input file reads that file itself, cuts it into the same units as a local run
+   and writes each unit's spill file (reusing spills already there); it returns the file's
+   hash and, per unit, its counts: token lengths (or sample sizes) and dedup keys.
+2. The driver decides, in input order, which documents dedup keeps and plans shard
+   boundaries from the prefix sums (``plan.py``): no input or token bytes pass through it.
+3. One task per shard reads the spills it overlaps and writes the shard straight into OUT.
+
+Every output has a deterministic name and appears by rename, and each finished task leaves a
+small result file in the work folder, so a re-run after a crash reuses finished tasks and a
+retried or duplicated task rewrites the same bytes. The driver checks every shard's size
+and writes index.json last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamshards.columns import parse_column_type
+from streamshards.convert.engine import Engine, RetryableTaskError, Task, open_engine
+from streamshards.convert.errors import ConvertError
+from streamshards.convert.inputs import FileReport, InputFile, read_units
+from streamshards.convert.options import Progress
+from streamshards.convert.pack import Deduper
+from streamshards.convert.plan import (
+    ShardPlan,
+    plan_raw_shards,
+    plan_token_shards,
+    rows_per_shard,
+    sample_bytes,
+    stream_length,
+    token_rows,
+    token_stream,
+)
+from streamshards.convert.run import UNREADABLE_FILE, ConvertJob
+from streamshards.convert.spill import read_spill
+from streamshards.convert.tokenize import TokenizerInfo
+from streamshards.convert.worker import UnitProcessor, WorkerSetup
+from streamshards.format import shard_chunks, write_shard
+from streamshards.index import INDEX_NAME, Index, ShardInfo, creation_time, write_index
+from streamshards.util import atomic_write, fsync_folder, parse_size
+from streamshards.writer import output_error, parse_compression, prepare_output
+
+# Test hook: task names (``read-000001``, ``shard-000002``) that fail on their first attempt,
+# and ``NAME:SECONDS`` pairs that stall their first attempt (to kill a node or the driver).
+FAIL_ONCE_ENV = "STREAMSHARDS_CONVERT_FAIL_ONCE"
+STALL_ONCE_ENV = "STREAMSHARDS_CONVERT_STALL_ONCE"
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """What a file task needs besides the file: how to cut it and what to return per unit."""
+
+    unit_bytes: int
+    txt_per_line: bool
+    on_error: str
+    setup: WorkerSetup
+    units: str  # the work folder's spill folder
+    num_columns: int  # raw mode: text plus kept fields
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a shard task needs besides its plan: the columns, the packing and OUT."""
+
+    out: str
+    columns: dict[str, str]
+    level: int | None
+    seq_len: int
+    dtype: str | None  # token dtype; None in raw mode
+    bos: int | None
+    eos: int | None
+    pad_id: int | None
+
+
+def _first_attempt(marker: str | None, stall: float) -> None:
+    """The test hook: on a task's first attempt, stall and/or fail (a marker file remembers)."""
+    if marker is None or os.path.exists(marker):
+        return
+    Path(marker).parent.mkdir(parents=True, exist_ok=True)
+    Path(marker).touch()
+    if stall:
+        time.sleep(stall)
+    else:
+        raise RetryableTaskError(f"injected failure ({FAIL_ONCE_ENV})")
+
+
+_processors: dict[WorkerSetup, UnitProcessor] = {}
+
+
+def read_file_task(
+    source: InputFile, number: int, spec: ReadSpec, result_path: str, hook: tuple
+) -> dict:
+    """Phase 1: cut one file into units, write missing spills, return per-unit counts."""
+    _first_attempt(*hook)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one task is one core
+    processor = _processors.get(spec.setup)
+    if processor is None:
+        processor = _processors[spec.setup] = UnitProcessor(spec.setup)
+    report = FileReport(source.size)
+    units, arrays, reused = [], {}, 0
+    try:
+        for unit in read_units(source, number, spec.unit_bytes, spec.txt_per_line, report):
+            if unit.read_error and spec.on_error == "fail":
+                return {
+                    "error": f"{unit.read_error} (use --on-error skip to keep what was readable)"
+                }
+            spill = Path(spec.units) / f"{unit.name}.npz"
+            if spill.exists():
+                reused += 1
+            else:
+                processor.process(source.kind, unit.payload, source.path, unit.first_line, spill)
+            stats, counts, hashes = _spill_counts(spill, spec.num_columns)
+            k = len(units)
+            arrays[f"counts{k}"] = counts
+            if hashes is not None:
+                arrays[f"hashes{k}"] = hashes
+            units.append({"name": unit.name, "end_offset": unit.end_offset, "stats": stats})
+    except ConvertError as err:
+        return {"error": str(err)}
+    meta = {
+        "report": {
+            "xxh3_64": report.xxh3_64,
+            "read_error": report.read_error,
+            "units": report.units,
+            "trusted_bytes": report.trusted_bytes,
+        },
+        "units": units,
+        "reused": reused,
+    }
+    _write_result(Path(result_path), meta, arrays)
+    return {"meta": meta, "arrays": arrays}
+
+
+def _spill_counts(spill: Path, num_columns: int) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    """(stats, per-document token lengths or sample sizes, dedup keys) of one spill file."""
+    stats, arrays = read_spill(spill)
+    if "lengths" in arrays:
+        counts = arrays["lengths"].astype(np.int64)
+    else:
+        sizes = sum(np.diff(arrays[f"offsets{k}"]) for k in range(num_columns))
+        counts = sample_bytes(np.asarray(sizes, dtype=np.int64), num_columns)
+    return stats, counts, arrays.get("hashes")
+
+
+def _write_result(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """A finished task's result, atomically: it marks the task done for a re-run."""
+    payload = {"meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
+    payload.update(arrays)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **payload)
+    os.replace(tmp, path)
+
+
+def _read_result(path: Path) -> dict | None:
+    """A finished task's result, or None when it has not finished."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError):
+        return None
+    meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
+    return {"meta": meta, "arrays": arrays}
+
+
+def write_shard_task(
+    name: str,
+    plan: ShardPlan,
+    spills: list[tuple[str, np.ndarray | None]],
+    spec: ShardSpec,
+    result_path: str,
+    hook: tuple,
+) -> dict:
+    """Phase 3: build one planned shard from the spills it overlaps and write it into OUT."""
+    _first_attempt(*hook)
+    values = shard_values(plan, spills, spec)
+    types = [parse_column_type(t, c) for c, t in spec.columns.items()]
+    chunks = shard_chunks(list(zip(types, values)), plan.samples)
+    out = Path(spec.out)
+    tmp = out / f".{name}.{os.getpid()}.tmp"
+    try:
+        raw_bytes, stored_bytes, digest = write_shard(tmp, [b"".join(chunks)], spec.level)
+        os.replace(tmp, out / name)
+        fsync_folder(out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise output_error(out, err) from None
+    compression = "zstd" if spec.level is not None else None
+    info = ShardInfo(name, plan.samples, raw_bytes, stored_bytes, digest, compression)
+    atomic_write(Path(result_path), json.dumps(info.to_dict()).encode("utf-8"))
+    return info.to_dict()
+
+
+def shard_values(
+    plan: ShardPlan, spills: list[tuple[str, np.ndarray | None]], spec: ShardSpec
+) -> list[list[bytes]]:
+    """Per column, the encoded values of one planned shard (``spills``: path and keep mask of
+    each of ``plan.pieces``' units)."""
+    if spec.dtype is not None:
+        dtype = np.dtype(spec.dtype)
+        parts = []
+        for piece, (path, keep) in zip(plan.pieces, spills):
+            _, arrays = read_spill(Path(path))
+            stream = token_stream(
+                arrays["lengths"], arrays["tokens"], keep, spec.bos, spec.eos, dtype
+            )
+            parts.append(stream[piece.start : piece.stop])
+        stream = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+        return [token_rows(stream, spec.seq_len, plan.pad, spec.pad_id)]
+    values: list[list[bytes]] = [[] for _ in spec.columns]
+    for piece, (path, keep) in zip(plan.pieces, spills):
+        _, arrays = read_spill(Path(path))
+        for k, column in enumerate(values):
+            offsets = arrays[f"offsets{k}"]
+            data = arrays[f"data{k}"].tobytes()
+            kept = np.arange(len(offsets) - 1) if keep is None else np.flatnonzero(keep)
+            column.extend(data[offsets[i] : offsets[i + 1]] for i in kept[piece.start : piece.stop])
+    return values
+
+
+@dataclass
+class _Packed:
+    """What ConvertJob's provenance reads from its packer."""
+
+    samples: int
+    document_tokens: int
+
+
+class DistributedJob(ConvertJob):
+    """A ConvertJob whose units and shards are tasks on an engine; same inputs, same bytes."""
+
+    def __init__(self, options, progress=None, engine: Engine | None = None):
+        super().__init__(options, progress)
+        self._engine = engine
+
+    def _run(self):
+        start = time.perf_counter()
+        if self._already_done():
+            return self.result
+        prepare_output(self.out)
+        self.done = self.work.open(self.job)
+        for folder in ("files", "shards", "faults"):
+            (self.work.path / folder).mkdir(exist_ok=True)
+        engine = self._engine or open_engine(self.options.engine, self.options.workers)
+        try:
+            engine.check_versions(_versions())
+            files = self._read_files(engine)
+            plans, units = self._plan(files)
+            if self.packer.samples == 0:
+                self._finish_empty()
+            index_path = self.out / INDEX_NAME
+            index_path.unlink(missing_ok=True)
+            infos = self._write_shards(engine, plans, units)
+        finally:
+            if self._engine is None:
+                engine.close()
+        self._publish(infos, start)
+        return self.result
+
+    def _hook(self, name: str) -> tuple[str | None, float]:
+        """The test hook's marker and stall for task ``name`` (None: no fault injected)."""
+        fail = os.environ.get(FAIL_ONCE_ENV, "").split(",")
+        stalls = dict(
+            item.rsplit(":", 1) for item in os.environ.get(STALL_ONCE_ENV, "").split(",") if item
+        )
+        if name not in fail and name not in stalls:
+            return None, 0.0
+        return str(self.work.path / "faults" / name), float(stalls.get(name, 0))
+
+    def _report(self, bytes_done: int, documents: int, tokens: int) -> None:
+        total = sum(f.size for f in self.inputs)
+        self.report_progress(Progress(bytes_done, total, documents, tokens))
+
+    def _read_files(self, engine: Engine) -> list[dict]:
+        """Phase 1: every file's result, from an earlier run's result file or a new task."""
+        setup = WorkerSetup(self.rules, _absolute(self.tokenizer), 0)
+        spec = ReadSpec(
+            self.unit_bytes,
+            self.options.txt_per_line,
+            self.options.on_error,
+            setup,
+            str(self.work.units.resolve()),
+            1 + len(self.keep_fields),
+        )
+        results: dict[int, dict] = {}
+        tasks = []
+        for number, source in enumerate(self.inputs):
+            path = self.work.path / "files" / f"{number:06d}.npz"
+            found = _read_result(path)
+            if found is not None:
+                results[number] = found
+                continue
+            name = f"read-{number:06d}"
+            absolute = replace(source, path=os.path.abspath(source.path))
+            tasks.append(
+                Task(
+                    name,
+                    read_file_task,
+                    (absolute, number, spec, str(path.resolve()), self._hook(name)),
+                )
+            )
+        bytes_done = sum(self.inputs[n].size for n in results)
+        documents = tokens = 0
+        for name, result in engine.run(tasks):
+            if "error" in result:
+                raise ConvertError(result["error"])
+            number = int(name.split("-")[1])
+            results[number] = result
+            bytes_done += self.inputs[number].size
+            for unit in result["meta"]["units"]:
+                documents += unit["stats"]["kept"]
+                tokens += unit["stats"]["tokens"]
+            self._report(bytes_done, documents, tokens)
+        return [results[n] for n in range(len(self.inputs))]
+
+    def _plan(
+        self, files: list[dict]
+    ) -> tuple[list[ShardPlan], list[tuple[str, np.ndarray | None]]]:
+        """Phase 2: dedup in input order, counts, and the shard plan; no input bytes needed."""
+        result = self.result
+        self.dropped, self.bad, self.reports = Counter(), Counter(), []
+        dedup = Deduper() if self.options.dedup else None
+        tk = self.tokenizer
+        units: list[tuple[str, np.ndarray | None]] = []
+        unit_counts: list = []
+        document_tokens = 0
+        for source, found in zip(self.inputs, files):
+            meta, arrays = found["meta"], found["arrays"]
+            report = FileReport(source.size, **meta["report"])
+            self.reports.append(report)
+            result.units_reused += meta["reused"]
+            for k, unit in enumerate(meta["units"]):
+                trusted = report.trusted_bytes
+                if source.codec == "gzip" and trusted is not None and unit["end_offset"] > trusted:
+                    continue
+                stats, counts = unit["stats"], arrays[f"counts{k}"]
+                keep = None
+                if dedup is not None:
+                    keep = np.array(dedup.keep(arrays.get(f"hashes{k}"), len(counts)), dtype=bool)
+                    duplicates = int(len(counts) - keep.sum())
+                    if duplicates:
+                        self.dropped["duplicate"] += duplicates
+                else:
+                    duplicates = 0
+                result.units += 1
+                result.documents_read += stats["read"]
+                result.documents_written += stats["kept"] - duplicates
+                result.bytes_read += stats["bytes_read"]
+                self.dropped.update(stats["dropped"])
+                self.bad.update(stats["errors"])
+                units.append((str((self.work.units / f"{unit['name']}.npz").resolve()), keep))
+                kept = counts if keep is None else counts[keep]
+                if tk is not None:
+                    document_tokens += int(kept.sum())
+                    unit_counts.append(stream_length(counts, keep, tk.bos_id, tk.eos_id))
+                else:
+                    unit_counts.append(kept)
+            if report.read_error:
+                self.bad[UNREADABLE_FILE] += 1
+        if tk is not None:
+            row_bytes = self.options.seq_len * tk.dtype.itemsize
+            per_shard = rows_per_shard(row_bytes, parse_size(self.options.size_limit))
+            plans, left = plan_token_shards(
+                unit_counts, self.options.seq_len, per_shard, self.options.tail
+            )
+            if left and self.options.tail == "pad":
+                pad_id = tk.eos_id if tk.eos_id is not None else tk.bos_id
+                self.tail = {
+                    "policy": "pad",
+                    "tokens": left,
+                    "pad_id": pad_id,
+                    "pad_tokens": self.options.seq_len - left,
+                }
+            else:
+                self.tail = {"policy": "drop", "tokens_dropped": left}
+        else:
+            plans = plan_raw_shards(unit_counts, parse_size(self.options.size_limit))
+            self.tail = None
+        self.packer = _Packed(sum(p.samples for p in plans), document_tokens)
+        return plans, units
+
+    def _finish_empty(self) -> None:
+        """The same refusal as a local run when nothing would be written."""
+        result = self.result
+        result.dropped = dict(sorted(self.dropped.items()))
+        result.bad_records = dict(sorted(self.bad.items()))
+        self.work.remove()
+        self._remove_stale_shards(keep=set())
+        what = "documents" if not self.tokenizer else f"a full sequence of {self.options.seq_len}"
+        raise ConvertError(
+            f"no {what} to write: read {result.documents_read} documents from "
+            f"{len(self.inputs)} file(s), dropped {result.dropped or 'none'}, "
+            f"skipped bad records {result.bad_records or 'none'}; no dataset written"
+        )
+
+    def _write_shards(
+        self, engine: Engine, plans: list[ShardPlan], units: list[tuple[str, np.ndarray | None]]
+    ) -> list[ShardInfo]:
+        """Phase 3: one task per shard not already written; the results in shard order."""
+        tk = self.tokenizer
+        level = parse_compression(self.options.compression)
+        spec = ShardSpec(
+            str(self.out.resolve()),
+            self._columns(),
+            level,
+            self.options.seq_len,
+            tk.dtype.str if tk is not None else None,
+            tk.bos_id if tk is not None else None,
+            tk.eos_id if tk is not None else None,
+            (tk.eos_id if tk.eos_id is not None else tk.bos_id) if tk is not None else None,
+        )
+        suffix = ".ssd.zst" if level is not None else ".ssd"
+        infos: dict[int, dict] = {}
+        tasks = []
+        for plan in plans:
+            name = f"shard.{plan.number:06d}{suffix}"
+            result_path = self.work.path / "shards" / f"{plan.number:06d}.json"
+            found = _read_json(result_path)
+            if found is not None and _size(self.out / name) == found["stored_bytes"]:
+                infos[plan.number] = found
+                continue
+            spills = [units[p.unit] for p in plan.pieces]
+            task_name = f"shard-{plan.number:06d}"
+            tasks.append(
+                Task(
+                    task_name,
+                    write_shard_task,
+                    (name, plan, spills, spec, str(result_path.resolve()), self._hook(task_name)),
+                )
+            )
+        for name, info in engine.run(tasks):
+            infos[int(name.split("-")[1])] = info
+        shards = []
+        for number in range(len(plans)):
+            info = infos[number]
+            size = _size(self.out / info["file"])
+            if size != info["stored_bytes"]:
+                raise ConvertError(
+                    f"OUT {self.out}: shard {info['file']} holds {size} bytes, its task wrote "
+                    f"{info['stored_bytes']}; run the same command again"
+                )
+            shards.append(
+                ShardInfo(
+                    info["file"],
+                    info["samples"],
+                    info["raw_bytes"],
+                    info["stored_bytes"],
+                    info["hash"]["xxh3_64"],
+                    info["compression"],
+                )
+            )
+        return shards
+
+    def _publish(self, shards: list[ShardInfo], start: float) -> None:
+        """Write index.json (last), drop stale shards and the work folder, fill the result."""
+        result = self.result
+        result.dropped = dict(sorted(self.dropped.items()))
+        result.bad_records = dict(sorted(self.bad.items()))
+        provenance = {
+            "tool": f"streamshards {_versions()['streamshards']}",
+            "created": creation_time(),
+        }
+        provenance.update(self._provenance(self.tail))
+        index = Index(self._columns(), shards, provenance)
+        try:
+            write_index(self.out, index)
+        except OSError as err:
+            raise output_error(self.out, err) from None
+        self._remove_stale_shards(keep={s.file for s in shards})
+        self.work.remove()
+        if self.tokenizer:
+            result.tokens = self.packer.document_tokens
+        result.samples = index.num_samples
+        result.shards = len(shards)
+        result.bytes_in = sum(f.size for f in self.inputs)
+        result.bytes_out = index.stored_bytes
+        result.seconds = time.perf_counter() - start
+
+
+def _versions() -> dict[str, str]:
+    from streamshards.convert.ray_engine import library_versions
+
+    return library_versions()
+
+
+def _absolute(info: TokenizerInfo | None) -> TokenizerInfo | None:
+    """The tokenizer with an absolute path: a task's working folder is not the driver's."""
+    return None if info is None else replace(info, path=os.path.abspath(info.path))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
