@@ -8,6 +8,10 @@ Layout of ``run_dir/checkpoints/``::
         rng/rank{R}.json      each rank's torch, CUDA, numpy and Python RNG states
         COMPLETE              written last, before the rename
     .tmp-step_00000300/       being written; ignored and removed by the next save
+
+With ``checkpoint.remote`` the checkpoints live in object storage instead
+(``remote_checkpoint.py``); ``open_checkpoints`` picks the store, and both have the same
+``save``/``latest``/``load``/``wait`` methods.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,6 +46,30 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Any) -> None: ...
 
 
+class CheckpointStore(Protocol):
+    """Where a run's checkpoints go: ``LocalCheckpoints`` or ``RemoteCheckpoints``."""
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        parts: dict[str, Stateful],
+    ) -> float: ...
+
+    def latest(self) -> Path | str | None: ...
+
+    def load(
+        self,
+        checkpoint: Path | str,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        parts: dict[str, Stateful],
+    ) -> dict[str, Any]: ...
+
+    def wait(self) -> float: ...
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -59,6 +88,7 @@ def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
 
@@ -107,22 +137,25 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     parts: dict[str, Stateful],
+    where: str | None = None,
 ) -> dict[str, Any]:
     """Load ``parts`` from trainer.json, then model and optimizer shards (any world size) and
     this rank's RNG states if saved. Returns trainer.json's contents.
 
     A part that refuses its state (e.g. a loader state saved for other data) raises a
-    ValueError naming the checkpoint and the part, before the weights are read.
+    ValueError naming the checkpoint (``where``, default ``path``) and the part, before the
+    weights are read.
     """
     path = Path(path)
+    where = where or str(path)
     saved = json.loads((path / "trainer.json").read_text())
     for name, part in parts.items():
         if name not in saved:
-            raise ValueError(f"{path / 'trainer.json'} has no {name!r} state")
+            raise ValueError(f"{where}/trainer.json has no {name!r} state")
         try:
             part.load_state_dict(saved[name])
         except ValueError as error:
-            raise ValueError(f"{path}: {name} state: {error}") from None
+            raise ValueError(f"{where}: {name} state: {error}") from None
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
@@ -133,6 +166,55 @@ def load_checkpoint(
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
     return saved
+
+
+class LocalCheckpoints:
+    """Checkpoints in ``run_dir/checkpoints``, saved synchronously (see the module docstring)."""
+
+    def __init__(self, root: Path, keep_last: int):
+        self.root = root
+        self.keep_last = keep_last
+
+    def wait(self) -> float:
+        """Nothing is ever in flight; returns 0 seconds waited."""
+        return 0.0
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root)
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        parts: dict[str, Stateful],
+    ) -> float:
+        """Save (collective); returns the seconds it took, all of it a stall of training."""
+        started = time.perf_counter()
+        save_checkpoint(self.root, step, model, optimizer, parts, self.keep_last)
+        return time.perf_counter() - started
+
+    def load(
+        self,
+        checkpoint: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        parts: dict[str, Stateful],
+    ) -> dict[str, Any]:
+        return load_checkpoint(checkpoint, model, optimizer, parts)
+
+
+def open_checkpoints(config: dict[str, Any], rank: int) -> CheckpointStore:
+    """The run's checkpoint store: ``checkpoint.remote`` if set, else ``run_dir/checkpoints``."""
+    local = Path(config["run_dir"]) / "checkpoints"
+    remote = config["checkpoint"]["remote"]
+    if remote is None:
+        return LocalCheckpoints(local, config["keep_last"])
+    from trainer.faults import UploadFaults
+    from trainer.remote_checkpoint import RemoteCheckpoints
+
+    faults = UploadFaults(config["inject"], rank)
+    return RemoteCheckpoints(remote, local / ".remote", config["keep_last"], faults)
 
 
 def rng_state() -> dict[str, Any]:

@@ -28,6 +28,10 @@ DEFAULTS: dict[str, Any] = {
     "deterministic": False,  # deterministic kernels (exact resume on CPU)
     "peak_flops": None,  # accelerator peak FLOP/s for MFU; None: from the device name
     "tensorboard": False,  # also write metrics to run_dir/tensorboard (the tensorboard extra)
+    "doctor": True,  # the node doctor's fast checks on every rank before training
+    "checkpoint": {
+        "remote": None,  # s3://bucket/prefix or gs://...: checkpoints there, uploaded async
+    },
     "model": {
         "vocab_size": "auto",  # auto: the tokenizer's, from the dataset's provenance
         "seq_len": 2048,
@@ -78,6 +82,8 @@ DEFAULTS: dict[str, Any] = {
         "spike": None,
         "nan": None,
         "hang": None,
+        "kill_in_upload": None,  # SIGKILL mid-upload of a remote checkpoint (checkpoint.remote)
+        "slow_upload": None,  # a remote checkpoint's upload starts 2 s late
     },
 }
 
@@ -221,6 +227,8 @@ SCHEMA: dict[str, Rule] = {
     "deterministic": Rule("bool"),
     "peak_flops": Rule("float", 0, above=True, words=(None,)),
     "tensorboard": Rule("bool"),
+    "doctor": Rule("bool"),
+    "checkpoint.remote": Rule("str", words=(None,)),
     "model.vocab_size": Rule("int", 1, words=("auto",)),
     "model.seq_len": Rule("int", 1),
     "model.dim": Rule("int", 1),
@@ -261,6 +269,14 @@ RELATIONS: list[tuple[Callable[[dict[str, Any]], bool], str]] = [
     (
         lambda c: c["data"]["local"] is not None or c["data"]["remote"] is not None,
         "set data.local and/or data.remote (e.g. data.local=shards/)",
+    ),
+    (
+        lambda c: (
+            c["checkpoint"]["remote"] is None
+            or re.match(r"(s3|gs)://[^/]|file://", c["checkpoint"]["remote"]) is not None
+        ),
+        "checkpoint.remote must be an s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or file:// URL, "
+        "got {checkpoint[remote]!r}",
     ),
     (
         lambda c: c["model"]["dim"] % c["model"]["n_heads"] == 0,

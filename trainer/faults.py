@@ -2,12 +2,13 @@
 
 Each fault is configured as ``inject.KIND: STEP`` (every rank) or ``STEP@RANK`` and fires
 once, in the first launch attempt only (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so a job
-that torchrun restarts runs clean.
+that torchrun restarts runs clean. ``UploadFaults`` acts in a remote checkpoint's upload.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from trainer.model import Transformer
 
 KINDS = ("oom", "oom_backward", "oom_optimizer", "spike", "nan", "hang")
 SPIKE_FACTOR = 100.0
+SLOW_UPLOAD_S = 2.0
 
 
 def parse_injection(spec: Any, rank: int) -> int | None:
@@ -58,6 +60,24 @@ class Faults:
         if self._due("nan", step):
             return float("nan")
         return SPIKE_FACTOR if self._due("spike", step) else 1.0
+
+
+class UploadFaults:
+    """``inject.slow_upload``: the upload of that step's checkpoint starts SLOW_UPLOAD_S late;
+    ``inject.kill_in_upload``: the rank is SIGKILLed after its DCP files are up, before its
+    RNG object and (rank 0) trainer.json and the COMPLETE marker."""
+
+    def __init__(self, specs: dict[str, Any], rank: int):
+        self.slow = parse_injection(specs.get("slow_upload"), rank)
+        self.kill = parse_injection(specs.get("kill_in_upload"), rank)
+
+    def before_upload(self, step: int) -> None:
+        if step == self.slow:
+            time.sleep(SLOW_UPLOAD_S)
+
+    def after_files(self, step: int) -> None:
+        if step == self.kill:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def raise_oom_once(model: Transformer, step: int, rank: int, backward: bool) -> None:

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 from streamshards import StreamingDataLoader, StreamingDataset
 from streamshards.util import atomic_write
-from trainer.checkpoint import Stateful, latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import CheckpointStore, Stateful, open_checkpoints
 from trainer.config import ConfigError, dump, load_config
+from trainer.doctor import examine_or_exit
 from trainer.faults import Faults
 from trainer.fsdp import init_distributed, shard_model
 from trainer.guards import ROLLBACK, SKIP, STEP, SpikeGuard
@@ -161,9 +162,10 @@ class Run:
             "microbatch_size": self.search,
         }
 
-    @property
-    def checkpoints(self) -> Path:
-        return Path(self.config["run_dir"]) / "checkpoints"
+    @cached_property
+    def checkpoints(self) -> CheckpointStore:
+        """run_dir/checkpoints, or checkpoint.remote with uploads in the background."""
+        return open_checkpoints(self.config, dist.get_rank())
 
     @property
     def tokens_per_step(self) -> int:
@@ -194,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(argv[0], argv[1:])
     device, rank, world_size = init_distributed()
     per_rank_batch = setup_process(config, rank, world_size)
+    if config["doctor"]:
+        examine_or_exit(config, device)  # the node doctor's fast checks; exit 77 naming a rank
 
     # Data: the index fixes the vocabulary and must hold rows of seq_len + 1 token ids.
     loader = build_loader(config, per_rank_batch)
@@ -265,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             break
 
     batches.close()  # stops the data-loader workers now
+    run.watchdog.pause()
+    run.checkpoints.wait()  # the upload in flight (checkpoint.remote) is published first
     run.watchdog.stop()
     log.close()
     dist.destroy_process_group()
@@ -342,11 +348,11 @@ def announce(
 
 def resume(run: Run) -> None:
     """Load every part from the latest complete checkpoint (unless autoresume is off)."""
-    latest = latest_checkpoint(run.checkpoints) if run.config["autoresume"] else None
+    latest = run.checkpoints.latest() if run.config["autoresume"] else None
     if latest is None:
         return
     try:
-        saved = load_checkpoint(latest, run.model, run.optimizer, run.parts)
+        saved = run.checkpoints.load(latest, run.model, run.optimizer, run.parts)
     except ValueError as error:
         raise ConfigError(
             f"cannot resume: {error}; give the data and config the run was saved with, "
@@ -399,11 +405,11 @@ def train_step(run: Run, batch: dict[str, Any]) -> StepResult:
 def rollback(run: Run, reason: str, loader_after: dict[str, Any]) -> bool:
     """Return to the latest checkpoint and skip the data that led to the spike: from the
     checkpoint's position to the end of the bad step's batch. False: no checkpoint (a skip)."""
-    checkpoint = latest_checkpoint(run.checkpoints)
+    checkpoint = run.checkpoints.latest()
     if checkpoint is None:
         run.log.event("skip", run.state.step, reason=f"{reason}; no checkpoint to roll back to")
         return False
-    saved = load_checkpoint(checkpoint, run.model, run.optimizer, {"guard": run.guard})
+    saved = run.checkpoints.load(checkpoint, run.model, run.optimizer, {"guard": run.guard})
     run.loader.load_state_dict(loader_after)
     run.log.event(
         "rollback",
@@ -423,13 +429,13 @@ def replay(run: Run) -> None:
     """After an OOM in the optimizer step (which may have updated part of the parameters),
     return to the latest checkpoint, data position included, and run the same steps again."""
     step = run.state.step
-    checkpoint = latest_checkpoint(run.checkpoints)
+    checkpoint = run.checkpoints.latest()
     if checkpoint is None:
         raise RuntimeError(
             f"out of memory in the optimizer step at step {step}, before the first checkpoint "
             "(parameters may be partly updated); a restart begins the run again"
         )
-    saved = load_checkpoint(
+    saved = run.checkpoints.load(
         checkpoint, run.model, run.optimizer, {"guard": run.guard, "loader": run.loader}
     )
     run.log.event(
@@ -449,8 +455,8 @@ def maybe_save(run: Run, stop: bool) -> None:
     if step % config["save_interval"] and step != config["max_steps"] and not stop:
         return
     run.watchdog.pause()
-    save_checkpoint(run.checkpoints, step, run.model, run.optimizer, run.parts, config["keep_last"])
-    run.log.event("checkpoint", step, reason="stop" if stop else "interval")
+    stall = run.checkpoints.save(step, run.model, run.optimizer, run.parts)
+    run.log.event("checkpoint", step, reason="stop" if stop else "interval", ckpt_stall_s=stall)
     run.watchdog.beat()
 
 
