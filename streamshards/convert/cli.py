@@ -112,6 +112,14 @@ def summary_lines(result: ConvertResult, tokenized: bool) -> list[str]:
 @click.option("--filter", "user_filter", help="module:function; keep documents it returns true on.")
 @click.option("--unit-size", default="2MB", show_default=True, help="Input bytes per work unit.")
 @click.option("--overwrite", is_flag=True, help="Replace a different dataset already at OUT.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: processes on this machine; ray: tasks on the Ray cluster at RAY_ADDRESS "
+    "(else a local Ray), same bytes (needs streamshards[ray]).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("--block-size", type=int, help="LitData TokensLoader input: tokens per sample.")
 @click.option("--pkl-as-bytes", is_flag=True, help="MDS input: pickle columns as raw bytes.")
@@ -122,6 +130,7 @@ def convert(inputs: tuple[str, ...], out: str, keep_fields: str, quiet: bool, **
     One MDS or LitData dataset (folder or URL) is copied sample for sample (docs/INTEROP.md).
 
     Example: streamshards convert c4/*.json.gz shards/ --tokenizer tokenizer.json --seq-len 2048
+    On a Ray cluster: RAY_ADDRESS=head:6379 streamshards convert ... --engine ray
     """
     from streamshards.interop.convert import convert_command, is_foreign
 

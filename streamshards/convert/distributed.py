@@ -20,6 +20,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,12 @@ from streamshards.index import INDEX_NAME, Index, ShardInfo, creation_time, writ
 from streamshards.util import atomic_write, fsync_folder, parse_size
 from streamshards.writer import output_error, parse_compression, prepare_output
 
-# Test hook: task names (``read-000001``, ``shard-000002``) that fail on their first attempt,
-# and ``NAME:SECONDS`` pairs that stall their first attempt (to kill a node or the driver).
+# Test hook: task name patterns (``read-000001``, ``shard-*``) that fail on their first
+# attempt, and ``PATTERN:SECONDS`` pairs that stall it (to kill a node or the driver then).
+# A marker file per task in FAULT_DIR (default: the work folder) remembers the first attempt.
 FAIL_ONCE_ENV = "STREAMSHARDS_CONVERT_FAIL_ONCE"
 STALL_ONCE_ENV = "STREAMSHARDS_CONVERT_STALL_ONCE"
+FAULT_DIR_ENV = "STREAMSHARDS_CONVERT_FAULT_DIR"
 
 
 @dataclass(frozen=True)
@@ -269,13 +272,13 @@ class DistributedJob(ConvertJob):
 
     def _hook(self, name: str) -> tuple[str | None, float]:
         """The test hook's marker and stall for task ``name`` (None: no fault injected)."""
-        fail = os.environ.get(FAIL_ONCE_ENV, "").split(",")
-        stalls = dict(
-            item.rsplit(":", 1) for item in os.environ.get(STALL_ONCE_ENV, "").split(",") if item
-        )
-        if name not in fail and name not in stalls:
+        fail = [p for p in os.environ.get(FAIL_ONCE_ENV, "").split(",") if p]
+        stalls = [p.rsplit(":", 1) for p in os.environ.get(STALL_ONCE_ENV, "").split(",") if p]
+        stall = next((float(s) for p, s in stalls if fnmatch(name, p)), 0.0)
+        if not stall and not any(fnmatch(name, p) for p in fail):
             return None, 0.0
-        return str(self.work.path / "faults" / name), float(stalls.get(name, 0))
+        folder = os.environ.get(FAULT_DIR_ENV) or str(self.work.path / "faults")
+        return os.path.join(folder, name), stall
 
     def _report(self, bytes_done: int, documents: int, tokens: int) -> None:
         total = sum(f.size for f in self.inputs)
@@ -298,6 +301,7 @@ class DistributedJob(ConvertJob):
             path = self.work.path / "files" / f"{number:06d}.npz"
             found = _read_result(path)
             if found is not None:
+                found["meta"]["reused"] = len(found["meta"]["units"])
                 results[number] = found
                 continue
             name = f"read-{number:06d}"
