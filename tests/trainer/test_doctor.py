@@ -1,0 +1,160 @@
+"""The node doctor in real 2-rank torchrun launches (gloo): a healthy run passes, and a bad
+dataset, a read-only checkpoint folder or a hung all-reduce fails naming the rank and check."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from trainer_helpers import BASE_OVERRIDES, command, kill_all, start
+
+from trainer.doctor import CHECKS, EXIT_CODE, INJECT_ENV
+
+LIMIT = 2  # watchdog_timeout: the doctor's limit for each collective
+
+
+def doctor_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return [
+        "-m",
+        "trainer.doctor",
+        "tiny",
+        f"data.local={data}",
+        f"run_dir={run_dir}",
+        *BASE_OVERRIDES,
+        f"watchdog_timeout={LIMIT}",
+        *overrides,
+    ]
+
+
+def run(cmd: list[str], log: Path) -> tuple[int, str]:
+    """Run ``cmd`` to the end: (exit code, combined output)."""
+    proc = start(cmd, log)
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        raise
+    return code, log.read_text()
+
+
+def doctor(tmp_path: Path, data: Path, *overrides: str) -> tuple[int, str]:
+    """The doctor under one torchrun with two ranks."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd = [*launcher, "--standalone", *doctor_args(data, tmp_path / "run", *overrides)]
+    return run(cmd, tmp_path / "doctor.log")
+
+
+def statuses(output: str) -> dict[int, dict[str, str]]:
+    """The status grid of the table: {rank: {check: status}}."""
+    grid = {}
+    for line in output.splitlines():
+        cells = line.split()
+        if len(cells) == 2 + len(CHECKS) and cells[0].isdigit():
+            grid[int(cells[0])] = dict(zip(CHECKS, cells[2:]))
+    return grid
+
+
+def test_a_healthy_two_rank_launch_passes_every_check(tmp_path: Path, token_data: Path) -> None:
+    code, output = doctor(tmp_path, token_data)
+    assert code == 0, output
+    healthy = {**dict.fromkeys(CHECKS, "ok"), "gpu-memory": "skip"}  # no GPU: skipped
+    assert statuses(output) == {0: healthy, 1: healthy}, output
+    assert "doctor: all checks passed (2 rank(s))" in output
+    assert "400 samples; sample 0 decodes (tokens: uint16 (33,))" in output
+    assert re.search(r"sum correct in [\d.]+ ms; bus bandwidth [\d.]+ [KMG]iB/s", output)
+    assert "versions    rank 0: ok python" in output and "torch" in output
+
+
+def test_a_missing_dataset_on_one_node_fails_naming_that_rank(
+    tmp_path: Path, token_data: Path
+) -> None:
+    # Two agents as two nodes would run them; node 1's data folder is not mounted.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = []
+    for node_rank, data in ((0, token_data), (1, tmp_path / "not-mounted")):
+        launcher = [
+            *(sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"),
+            *(f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"),
+        ]
+        log = tmp_path / f"node{node_rank}.log"
+        nodes.append((start([*launcher, *doctor_args(data, tmp_path / "run")], log), log))
+    codes = [proc.wait(timeout=120) for proc, _ in nodes]
+    output = nodes[0][1].read_text()
+    assert codes[0] != 0 and codes[1] != 0, output
+    assert (
+        f"exitcode  : {EXIT_CODE}" in output
+        and f"exitcode  : {EXIT_CODE}" in nodes[1][1].read_text()
+    )
+    assert statuses(output)[1]["dataset"] == "FAIL" and statuses(output)[0]["dataset"] == "ok"
+    assert f"rank 1: FAIL data.local={tmp_path / 'not-mounted'}: no dataset index" in output
+    assert "doctor: FAIL: dataset on rank 1 (2 rank(s))" in output
+
+
+def make_read_only(folder: Path) -> None:
+    """No one may create files in ``folder``; root ignores modes, so it is made immutable."""
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"running as root where chattr +i fails: {done.stderr.decode()}")
+
+
+def test_a_read_only_checkpoint_folder_fails_on_every_rank(
+    tmp_path: Path, token_data: Path
+) -> None:
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    make_read_only(checkpoints)
+    try:
+        code, output = doctor(tmp_path, token_data)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(checkpoints)], check=True)
+        checkpoints.chmod(0o755)
+    assert code != 0 and f"exitcode  : {EXIT_CODE}" in output, output
+    assert {rank: row["checkpoint"] for rank, row in statuses(output).items()} == {
+        0: "FAIL",
+        1: "FAIL",
+    }
+    assert f"rank 0: FAIL cannot write {checkpoints}:" in output
+    assert "doctor: FAIL: checkpoint on ranks 0, 1 (2 rank(s))" in output
+
+
+def test_a_hung_all_reduce_is_reported_naming_the_rank_within_the_limit(
+    tmp_path: Path, token_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(INJECT_ENV, "hang_allreduce@1")
+    started = time.monotonic()
+    code, output = doctor(tmp_path, token_data)
+    took = time.monotonic() - started
+    assert code != 0 and f"exitcode  : {EXIT_CODE}" in output, output
+    grid = statuses(output)
+    assert grid[0]["all-reduce"] == "wait" and grid[1]["all-reduce"] == "FAIL", output
+    assert grid[1]["dataset"] == "ok"  # the hung rank's own checks were reported before
+    assert f"no result within {LIMIT} s; rank 1 never started it" in output
+    assert "doctor: FAIL: all-reduce on rank 1 (2 rank(s))" in output
+    assert took < 2 * LIMIT + 30  # the limit twice (all-reduce, reports) and start-up
+
+
+def test_the_trainer_runs_the_doctor_first_unless_doctor_false(
+    tmp_path: Path, token_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(INJECT_ENV, "hang_allreduce@1")
+    cmd = command(token_data, tmp_path / "a", "max_steps=1", f"watchdog_timeout={LIMIT}")
+    code, output = run(cmd, tmp_path / "a.log")
+    assert code != 0 and f"exitcode  : {EXIT_CODE}" in output, output
+    assert "doctor: FAIL: all-reduce on rank 1" in output
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()  # no step was taken
+
+    cmd = command(token_data, tmp_path / "b", "max_steps=1", "doctor=false", nproc=0)
+    code, output = run(cmd, tmp_path / "b.log")
+    assert code == 0 and "step      1 |" in output, output
+    assert "rank  host" not in output and "all checks passed" not in output
