@@ -43,10 +43,10 @@ def markers(bucket: str, prefix: str) -> list[int]:
 def test_sigkill_then_resume_from_the_bucket_on_an_empty_disk_gives_identical_losses(
     tmp_path: Path, token_data: Path, reference: Path, s3_server, s3_bucket: str
 ) -> None:
-    remote = f"checkpoint.remote=s3://{s3_bucket}/run"
+    remote = (f"checkpoint.remote=s3://{s3_bucket}/run", "doctor=false")
     kill_after = random.Random().randint(4, 9)
     run_dir = tmp_path / "run"
-    proc = start(command(token_data, run_dir, remote), tmp_path / "killed.log")
+    proc = start(command(token_data, run_dir, *remote), tmp_path / "killed.log")
     reached = wait_for_step(proc, run_dir, kill_after)
     kill_all(proc)
     saved = markers(s3_bucket, "run")
@@ -55,7 +55,7 @@ def test_sigkill_then_resume_from_the_bucket_on_an_empty_disk_gives_identical_lo
     # Another machine: nothing on its disk, only the bucket.
     fresh = tmp_path / "fresh"
     before = s3_server.gets(f"/{s3_bucket}/run/")
-    code, output = train(token_data, fresh, remote)
+    code, output = train(token_data, fresh, *remote)
     assert code == 0, output
     (resume,) = events(fresh, "resume")
     assert resume["step"] == max(saved)
@@ -74,19 +74,26 @@ def test_sigkill_then_resume_from_the_bucket_on_an_empty_disk_gives_identical_lo
     assert fetched[f"{folder}/.metadata"] == fetched[f"{folder}/trainer.json"] == 2
 
 
-def test_a_checkpoint_killed_mid_upload_is_never_loaded(
+def test_a_checkpoint_killed_mid_upload_is_never_loaded_and_keep_last_holds_in_the_bucket(
     tmp_path: Path, token_data: Path, reference: Path, s3_bucket: str
 ) -> None:
-    remote = f"checkpoint.remote=s3://{s3_bucket}/run"
+    remote = (f"checkpoint.remote=s3://{s3_bucket}/run", "doctor=false")
     run_dir = tmp_path / "run"
-    code, output = train(token_data, run_dir, remote, "inject.kill_in_upload=6@0")
+    faults = ("inject.slow_upload=3", "inject.kill_in_upload=6@0")
+    code, output = train(token_data, run_dir, *remote, *faults)
     assert code != 0, output
     keys = bucket_keys(s3_bucket, "run")
     assert markers(s3_bucket, "run") == [3], keys
     assert "step_00000006/__0_0.distcp" in keys and "step_00000006/trainer.json" not in keys
 
-    # Resumed on one process: DCP reads both ranks' files and reshards them.
-    code, output = train(token_data, run_dir, remote, nproc=0)
+    # The upload of step 3 was held SLOW_UPLOAD_S: training went on (that save stalled only
+    # for the local write), and the save at step 6 waited for it (one upload in flight).
+    saves = {e["step"]: e for e in events(run_dir, "checkpoint")}
+    assert saves[3]["ckpt_stall_s"] < SLOW_UPLOAD_S / 2, saves
+    assert saves[6]["time"] - saves[3]["time"] >= SLOW_UPLOAD_S - 0.05, saves
+
+    # Resumed on one process from step 3: DCP reads both ranks' files and reshards them.
+    code, output = train(token_data, run_dir, *remote, nproc=0)
     assert code == 0, output
     (resume,) = events(run_dir, "resume")
     assert (resume["step"], resume["saved_world_size"], resume["world_size"]) == (3, 2, 1)
@@ -95,26 +102,10 @@ def test_a_checkpoint_killed_mid_upload_is_never_loaded(
     for step in range(4, 11):  # another world size: equal to the rounding of the sums
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step
 
-
-def test_keep_last_holds_in_the_bucket_and_training_runs_during_an_upload(
-    tmp_path: Path, token_data: Path, reference: Path, s3_bucket: str
-) -> None:
-    remote = f"checkpoint.remote=s3://{s3_bucket}/run"
-    run_dir = tmp_path / "run"
-    code, output = train(token_data, run_dir, remote, "inject.slow_upload=3")
-    assert code == 0, output
-    assert losses(run_dir) == losses(reference)
-
-    # keep_last=2: of the saves at 3, 6, 9 and 10 only the last two remain, whole.
-    dcp_files = [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    rest = ["rng-rank0.json", "rng-rank1.json", "trainer.json"]
-    kept = [f"step_{step:08d}/{name}" for step in (9, 10) for name in dcp_files + rest]
+    # keep_last=2: of the saves at 3, 6 (the killed one, saved again), 9 and 10 only the
+    # last two remain, whole, and nothing else.
+    names = [".metadata", "__0_0.distcp", "rng-rank0.json", "trainer.json"]
+    kept = [f"step_{step:08d}/{name}" for step in (9, 10) for name in names]
     assert bucket_keys(s3_bucket, "run") == sorted(
         [*kept, "step_00000009.COMPLETE", "step_00000010.COMPLETE"]
     )
-
-    # The upload of step 3 was held SLOW_UPLOAD_S: training went on (its save stalled only
-    # for the local write) and the save at step 6 waited for it (one upload in flight).
-    stall = {e["step"]: e["ckpt_stall_s"] for e in events(run_dir, "checkpoint")}
-    assert set(stall) == {3, 6, 9, 10}
-    assert stall[3] < SLOW_UPLOAD_S / 2 < stall[6], stall
