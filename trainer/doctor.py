@@ -158,24 +158,36 @@ def _params(config: dict[str, Any], vocab: int | str) -> int | None:
 
 
 def check_checkpoint_folder(config: dict[str, Any], params: int | None) -> Result:
-    """``run_dir/checkpoints`` takes a file from this rank and has room for ``keep_last`` + 1
-    checkpoints (the kept ones and the one being written), counting those already there."""
+    """``run_dir/checkpoints`` (and ``checkpoint.remote`` if set) takes a file from this rank,
+    and the folder has room for ``keep_last`` + 1 checkpoints (the kept ones and the one
+    being written), counting those already there."""
     folder = Path(config["run_dir"]) / "checkpoints"
-    probe = folder / f".doctor-{socket.gethostname()}-{os.getpid()}"
+    probe = f".doctor-{socket.gethostname()}-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"doctor")
-        probe.unlink()
+        (folder / probe).write_bytes(b"doctor")
+        (folder / probe).unlink()
     except OSError as error:
         return Result(FAIL, f"cannot write {folder}: {error.strerror or error}")
+    remote = config["checkpoint"]["remote"]
+    if remote is not None:
+        from streamshards.storage import StorageError, open_storage
+
+        try:
+            storage = open_storage(remote)
+            storage.put_bytes(b"doctor", probe)
+            storage.delete(probe)
+        except (StorageError, OSError, ValueError) as error:
+            return Result(FAIL, f"cannot write {remote}: {' '.join(str(error).split())}")
+    where = folder if remote is None else f"{remote} and {folder}"
     free = shutil.disk_usage(folder).free
     if params is None:
-        return Result(OK, f"{folder} writable, {_size(free)} free (model size unknown)")
+        return Result(OK, f"{where} writable, {_size(free)} free (model size unknown)")
     one = CHECKPOINT_BYTES_PER_PARAM * params
     held = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     need = max((config["keep_last"] + 1) * one - held, 0)
     detail = f"{_size(free)} free, {config['keep_last'] + 1} x {_size(one)} needs {_size(need)}"
-    return Result(OK if free >= need else FAIL, f"{folder} writable; {detail}")
+    return Result(OK if free >= need else FAIL, f"{where} writable; {detail}")
 
 
 def check_gpu_memory(device: torch.device, params: int | None, world_size: int) -> Result:

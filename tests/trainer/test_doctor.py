@@ -3,6 +3,7 @@ dataset, a read-only checkpoint folder or a hung all-reduce fails naming the ran
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import socket
@@ -11,12 +12,22 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
 import pytest
 from trainer_helpers import BASE_OVERRIDES, command, kill_all, start
 
 from trainer.doctor import CHECKS, EXIT_CODE, INJECT_ENV
 
 LIMIT = 2  # watchdog_timeout: the doctor's limit for each collective
+
+# The S3 server fixtures of tests/remote (s3_server, s3_bucket), shared rather than copied.
+_spec = importlib.util.spec_from_file_location(
+    "remote_conftest", Path(__file__).parents[1] / "remote" / "conftest.py"
+)
+_remote = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_remote)
+s3_server = _remote.s3_server
+s3_bucket = _remote.s3_bucket
 
 
 def doctor_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
@@ -126,6 +137,24 @@ def test_a_read_only_checkpoint_folder_fails_on_every_rank(
     }
     assert f"rank 0: FAIL cannot write {checkpoints}:" in output
     assert "doctor: FAIL: checkpoint on ranks 0, 1 (2 rank(s))" in output
+
+
+def test_a_remote_checkpoint_location_must_take_an_object(
+    tmp_path: Path, token_data: Path, s3_bucket: str
+) -> None:
+    # One process (a group of one) against the local S3 server: a bucket, then a missing one.
+    for name, bucket in (("good", s3_bucket), ("missing", "no-such-bucket")):
+        args = doctor_args(token_data, tmp_path / name, f"checkpoint.remote=s3://{bucket}/run")
+        code, output = run([sys.executable, *args], tmp_path / f"{name}.log")
+        row = statuses(output)[0]["checkpoint"]
+        if name == "good":
+            assert code == 0 and row == "ok", output
+            assert f"s3://{bucket}/run and {tmp_path / name / 'checkpoints'} writable" in output
+            listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="run/")
+            assert listed["KeyCount"] == 0  # the probe object was removed
+        else:
+            assert code == EXIT_CODE and row == "FAIL", output
+            assert f"rank 0: FAIL cannot write s3://{bucket}/run:" in output
 
 
 def test_a_hung_all_reduce_is_reported_naming_the_rank_within_the_limit(
