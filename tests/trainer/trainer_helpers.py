@@ -66,12 +66,16 @@ def command(data: Path, run_dir: Path, *overrides: str, nproc: int = 2, restarts
     return launcher + args
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, new_session: bool = False) -> subprocess.Popen:
+    """Start ``cmd`` with its output in ``log``; ``new_session``: in a process group of its
+    own, like a launcher on a machine of its own."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     out = open(log, "w")
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=new_session
+    )
 
 
 def train(
@@ -114,6 +118,26 @@ def children(pid: int) -> list[int]:
         text = (task / "children").read_text() if (task / "children").exists() else ""
         found += [int(x) for x in text.split()]
     return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, children before grandchildren (Linux /proc)."""
+    found, frontier = [], children(pid)
+    while frontier:
+        found += frontier
+        frontier = [grandchild for child in frontier for grandchild in children(child)]
+    return found
+
+
+def kill_machine(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher's process group and the group of every process below it (workers
+    and data-loader workers each lead their own), as when the machine is lost."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
 
 
 def kill_all(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

@@ -1,0 +1,200 @@
+"""Node loss and replacement: two elastic torchrun launchers on one machine, one killed, one
+started later; the run continues on the world sizes it has and ends with the right losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from trainer_helpers import (
+    BASE_OVERRIDES,
+    descendants,
+    events,
+    kill_machine,
+    losses,
+    start,
+    train,
+)
+
+from trainer.checkpoint import complete_checkpoints
+from trainer.metrics import read_metrics
+
+MAX_STEPS = 24
+# A checkpoint every step: the steps at which the world changes are the checkpoints the run
+# resumes from, and the save paces the loop so that the test can stop it between phases.
+OVERRIDES = [
+    f"max_steps={MAX_STEPS}",
+    f"optim.decay_steps={MAX_STEPS}",  # the schedule must not depend on max_steps (reference)
+    "save_interval=1",
+    "keep_last=3",
+]
+SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def node_command(data: Path, run_dir: Path, port: int, hosts_rendezvous: bool) -> list[str]:
+    """One machine's launcher: 1 to 2 nodes of one process each, c10d rendezvous on ``port``
+    (hosted by the first machine), short timeouts so that a lost node is noticed in ~2 s."""
+    rendezvous = (
+        f"is_host={str(hosts_rendezvous).lower()},join_timeout=60,last_call_timeout=2,"
+        "keep_alive_interval=1,keep_alive_max_attempt=5"
+    )
+    return [
+        sys.executable,
+        "-m",
+        "trainer.launch",
+        "--nnodes=1:2",
+        "--nproc_per_node=1",
+        "--max-restarts=3",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=elastic-test",
+        f"--rdzv-conf={rendezvous}",
+        "--monitor-interval=0.1",
+        "-m",
+        "trainer.pretrain",
+        "tiny",
+        f"data.local={data}",
+        f"run_dir={run_dir}",
+        *BASE_OVERRIDES,
+        *OVERRIDES,
+    ]
+
+
+def wait_until(
+    found: Callable[[], T | None], what: str, nodes: list[subprocess.Popen], timeout: float = 60
+) -> T:
+    """Poll ``found()`` until it returns a value; fail if a launcher exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = found()
+        if value is not None and value is not False:
+            return value
+        for node in nodes:
+            if node.poll() is not None:
+                raise AssertionError(f"a launcher exited with {node.returncode} before {what}")
+        time.sleep(0.02)
+    raise AssertionError(f"no {what} within {timeout} s")
+
+
+def checkpoint_on(run_dir: Path, world_size: int, after_step: int = 0) -> int | None:
+    """The step of a complete checkpoint saved by ``world_size`` ranks after ``after_step``."""
+    for step, path in complete_checkpoints(run_dir / "checkpoints"):
+        try:
+            saved = json.loads((path / "trainer.json").read_text())
+        except FileNotFoundError:  # pruned meanwhile
+            continue
+        if step > after_step and saved["world_size"] == world_size:
+            return step
+    return None
+
+
+def resume_on(run_dir: Path, world_size: int) -> dict | None:
+    """The latest resume event on ``world_size`` ranks, if any."""
+    if not (run_dir / "metrics.jsonl").exists():
+        return None
+    found = [e for e in events(run_dir, "resume") if e["world_size"] == world_size]
+    return found[-1] if found else None
+
+
+def trainer_process(launcher: subprocess.Popen) -> int | None:
+    """The pid of the trainer rank a launcher runs now (it runs one)."""
+    for pid in descendants(launcher.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if b"trainer.pretrain" in cmdline and b"trainer.launch" not in cmdline:
+            return pid
+    return None
+
+
+def sigterm_pending(pid: int) -> bool:
+    """True once a SIGTERM waits for the stopped process ``pid``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("SigPnd", "ShdPnd") and int(value, 16) & SIGTERM_BIT:
+            return True
+    return False
+
+
+def test_node_loss_then_replacement_continues_the_run_with_reference_losses(
+    tmp_path: Path, token_data: Path
+) -> None:
+    run_dir, port = tmp_path / "run", free_port()
+    first = start(node_command(token_data, run_dir, port, True), tmp_path / "first.log", True)
+    second = start(node_command(token_data, run_dir, port, False), tmp_path / "second.log", True)
+    nodes = [first, second]
+    try:
+        # 1. Two nodes train; once a checkpoint is complete the second machine is lost.
+        wait_until(lambda: checkpoint_on(run_dir, 2, after_step=1), "2 steps on 2 ranks", nodes)
+        kill_machine(second)
+        nodes = [first]
+
+        # 2. The survivor's launcher restarts its rank alone, from the latest checkpoint.
+        alone = wait_until(lambda: resume_on(run_dir, 1), "a resume on 1 rank", nodes)
+        wait_until(
+            lambda: checkpoint_on(run_dir, 1, after_step=alone["step"] + 1),
+            "two steps on 1 rank",
+            nodes,
+        )
+        # Hold the survivor until the replacement has joined: its launcher then asks the
+        # rank to stop (SIGTERM), which saves a checkpoint at the current step and exits.
+        survivor = trainer_process(first)
+        assert survivor is not None
+        os.kill(survivor, signal.SIGSTOP)
+        steps, _ = read_metrics(run_dir)
+        assert max(steps) < MAX_STEPS, "the run ended before a node could join; raise MAX_STEPS"
+        replacement = start(
+            node_command(token_data, run_dir, port, False), tmp_path / "replacement.log", True
+        )
+        nodes = [first, replacement]
+        wait_until(lambda: sigterm_pending(survivor), "the rank's stop request", nodes)
+        os.kill(survivor, signal.SIGCONT)
+
+        # 3. The world is back to 2 and the run finishes.
+        for node in nodes:
+            assert node.wait(timeout=90) == 0
+    finally:
+        for node in [first, second, *nodes]:
+            if node.poll() is None:
+                kill_machine(node)
+
+    resumes = events(run_dir, "resume")
+    alone, rejoined = resumes[-2:]
+    assert (alone["world_size"], alone["saved_world_size"]) == (1, 2), alone
+    assert (rejoined["world_size"], rejoined["saved_world_size"]) == (2, 1), rejoined
+    assert alone["step"] < rejoined["step"] < MAX_STEPS
+    # The data resumes at the same global sample at each change of the world.
+    steps, _ = read_metrics(run_dir)
+    assert sorted(steps) == list(range(1, MAX_STEPS + 1))
+    assert [steps[s]["samples_seen"] for s in steps] == [8 * s for s in steps]
+    assert rejoined["samples_seen"] == 8 * rejoined["step"]
+
+    # The reference: the same world sizes over the same steps, each part a plain relaunch
+    # (torchrun --standalone, or one process) resuming the previous part's last checkpoint.
+    # (A second node that joined late adds a restart to the first part; it is followed too.)
+    worlds = [resumes[0]["saved_world_size"]] + [e["world_size"] for e in resumes]
+    ends = [e["step"] for e in resumes] + [MAX_STEPS]
+    reference = tmp_path / "reference"
+    for world_size, end in zip(worlds, ends):
+        nproc = world_size if world_size > 1 else 0
+        code, output = train(token_data, reference, *OVERRIDES, f"max_steps={end}", nproc=nproc)
+        assert code == 0, output
+    # The same reductions in the same order (two ranks: a + b), so equal bitwise.
+    assert losses(run_dir) == losses(reference)
