@@ -65,9 +65,10 @@ def examine(config: dict[str, Any], device: torch.device, full: bool = True) -> 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     limit = config["watchdog_timeout"] or NO_TIMEOUT_LIMIT_S
     phase = ["start"]
-    # The last resort for a rank stuck where no deadline reaches (a hung dataset read).
+    # The last resort for a rank stuck where no deadline reaches (a hung dataset read); past
+    # the longest the deadlines below can add up to (barrier, all-reduce, verdict: 5 limits).
     watchdog = Watchdog(
-        4 * limit,
+        6 * limit,
         Path(config["run_dir"]) / f"watchdog-rank{rank}.log",
         describe=lambda: f"on rank {rank} in the node doctor ({phase[0]})",
     )

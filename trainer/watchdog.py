@@ -17,7 +17,8 @@ class Watchdog:
 
     Every thread's stack goes to stderr and to ``log_path`` first, so a hung collective or
     a stuck read can be found; a launcher such as ``torchrun --max-restarts`` then restarts
-    the job and autoresume continues it. The timer starts at the first ``beat()``.
+    the job and autoresume continues it. The timer starts at the first ``beat()``. This is
+    also how the survivors of a dead rank leave: gloo keeps waiting in the collective.
     """
 
     def __init__(self, timeout: float, log_path: str | os.PathLike, describe=lambda: ""):
