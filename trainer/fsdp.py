@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -44,14 +45,26 @@ def init_distributed(timeout_seconds: float = 600.0) -> tuple[torch.device, int,
 
 
 def _attempt_store(timeout: timedelta) -> dist.Store | None:
-    """A store private to this launch attempt when torchrun shares its rendezvous store.
+    """A store private to this launch attempt when torchrun shares its agent's store.
 
     torchrun (torch 2.13) keeps one store across ``--max-restarts`` attempts, so a restarted
     process group would read the previous attempt's addresses and fail to connect
-    ("Gloo connectFullMesh failed ... Connection refused"). Keys are prefixed by attempt.
+    ("Gloo connectFullMesh failed ... Connection refused"). Keys are prefixed by attempt,
+    which each agent counts for itself: right on one node, not always on several (an agent
+    restarted for a new node does not count it), so there ``python -m trainer.launch``,
+    which turns the sharing off, is the way (docs/TRAINER.md, Multi-node).
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if nodes > 1 and os.environ.get("RANK") == "0":
+        print(
+            f"trainer: warning: torchrun shares one store over {nodes} nodes, so a restart "
+            "can hang and a replacement node cannot join; launch with python -m "
+            "trainer.launch (torchrun's arguments), docs/TRAINER.md, Multi-node",
+            file=sys.stderr,
+            flush=True,
+        )
     client = dist.TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),

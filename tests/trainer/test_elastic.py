@@ -11,9 +11,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+import torch.distributed as dist
 from trainer_helpers import (
     BASE_OVERRIDES,
     descendants,
@@ -25,6 +28,7 @@ from trainer_helpers import (
 )
 
 from trainer.checkpoint import complete_checkpoints
+from trainer.fsdp import _attempt_store
 from trainer.metrics import read_metrics
 
 MAX_STEPS = 24
@@ -198,3 +202,25 @@ def test_node_loss_then_replacement_continues_the_run_with_reference_losses(
         assert code == 0, output
     # The same reductions in the same order (two ranks: a + b), so equal bitwise.
     assert losses(run_dir) == losses(reference)
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_a_shared_torchrun_store_is_prefixed_by_attempt_and_warned_about_on_several_nodes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, nodes: int
+) -> None:
+    agent_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in {
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RESTART_COUNT": "3",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(agent_store.port),
+        "GROUP_WORLD_SIZE": str(nodes),
+        "RANK": "0",
+    }.items():
+        monkeypatch.setenv(name, value)
+    _attempt_store(timedelta(seconds=10)).set("address", b"rank 0")
+    assert agent_store.get("trainer/attempt3/address") == b"rank 0"
+    assert ("python -m trainer.launch" in capsys.readouterr().err) == (nodes > 1)
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # trainer.launch
+    assert _attempt_store(timedelta(seconds=10)) is None
