@@ -82,15 +82,22 @@ def test_a_healthy_two_rank_launch_passes_every_check(tmp_path: Path, token_data
     assert "versions    rank 0: ok python" in output and "torch" in output
 
 
-def test_a_missing_dataset_on_one_node_fails_naming_that_rank(
-    tmp_path: Path, token_data: Path
+def test_a_node_without_its_dataset_and_with_other_versions_fails_naming_that_rank(
+    tmp_path: Path, token_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Two agents as two nodes would run them; node 1's data folder is not mounted.
+    # Two agents as two nodes would run them. Node 1's data folder is not mounted, and its
+    # Python finds another zstandard distribution first (an image built at another time).
+    other = tmp_path / "other-site" / "zstandard-0.0.1.dist-info"
+    other.mkdir(parents=True)
+    (other / "METADATA").write_text("Metadata-Version: 2.1\nName: zstandard\nVersion: 0.0.1\n")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     nodes = []
     for node_rank, data in ((0, token_data), (1, tmp_path / "not-mounted")):
+        if node_rank == 1:
+            path = os.pathsep.join(filter(None, [str(other.parent), os.environ.get("PYTHONPATH")]))
+            monkeypatch.setenv("PYTHONPATH", path)
         launcher = [
             *(sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"),
             *(f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"),
@@ -100,13 +107,14 @@ def test_a_missing_dataset_on_one_node_fails_naming_that_rank(
     codes = [proc.wait(timeout=120) for proc, _ in nodes]
     output = nodes[0][1].read_text()
     assert codes[0] != 0 and codes[1] != 0, output
-    assert (
-        f"exitcode  : {EXIT_CODE}" in output
-        and f"exitcode  : {EXIT_CODE}" in nodes[1][1].read_text()
-    )
-    assert statuses(output)[1]["dataset"] == "FAIL" and statuses(output)[0]["dataset"] == "ok"
+    for _, log in nodes:
+        assert f"exitcode  : {EXIT_CODE}" in log.read_text()
+    grid = statuses(output)
+    assert [grid[rank]["dataset"] for rank in (0, 1)] == ["ok", "FAIL"], output
+    assert [grid[rank]["versions"] for rank in (0, 1)] == ["ok", "FAIL"], output
     assert f"rank 1: FAIL data.local={tmp_path / 'not-mounted'}: no dataset index" in output
-    assert "doctor: FAIL: dataset on rank 1 (2 rank(s))" in output
+    assert "rank 1: FAIL zstandard 0.0.1 (rank 0: " in output
+    assert "doctor: FAIL: dataset on rank 1; versions on rank 1 (2 rank(s))" in output
 
 
 def make_read_only(folder: Path) -> None:
