@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from streamshards.storage import NotFoundError, Storage, open_storage
-from streamshards.util import atomic_write
+from streamshards.util import atomic_write, url_scheme
 from trainer.checkpoint import (
     COMPLETE,
     Stateful,
@@ -42,6 +42,7 @@ from trainer.checkpoint import (
     load_checkpoint,
     rng_state,
 )
+from trainer.config import ConfigError
 from trainer.faults import UploadFaults
 
 MARKER = re.compile(r"(step_\d{8})\." + COMPLETE)
@@ -55,10 +56,16 @@ def rng_object(rank: int) -> str:
 
 
 def complete_remote(root: Storage) -> list[tuple[int, str]]:
-    """(step, name) of every complete checkpoint under ``root``, oldest first."""
+    """(step, name) of every complete checkpoint under ``root``, oldest first.
+
+    A missing bucket is a config error (a typo must not start the run over); a missing
+    local folder (``file://``) only means no checkpoint yet.
+    """
     try:
         objects = root.list()
-    except NotFoundError:
+    except NotFoundError as error:
+        if url_scheme(root.url) in ("s3", "gs"):
+            raise ConfigError(f"checkpoint.remote: {error}") from None
         return []
     found = [MARKER.fullmatch(o.name) for o in objects]
     return sorted((int(m.group(1)[5:]), m.group(1)) for m in found if m)

@@ -12,6 +12,7 @@ import boto3
 import pytest
 from trainer_helpers import command, events, kill_all, losses, start, train, wait_for_step
 
+from trainer.config import ConfigError, load_config
 from trainer.faults import SLOW_UPLOAD_S
 
 # The S3 server fixtures of tests/remote (s3_server, s3_bucket), shared rather than copied.
@@ -108,4 +109,19 @@ def test_a_checkpoint_killed_mid_upload_is_never_loaded_and_keep_last_holds_in_t
     kept = [f"step_{step:08d}/{name}" for step in (9, 10) for name in names]
     assert bucket_keys(s3_bucket, "run") == sorted(
         [*kept, "step_00000009.COMPLETE", "step_00000010.COMPLETE"]
+    )
+
+
+def test_a_missing_bucket_or_a_url_without_a_bucket_is_a_config_error(
+    tmp_path: Path, token_data: Path, s3_server
+) -> None:
+    with pytest.raises(ConfigError, match="checkpoint.remote must be an s3://BUCKET/PREFIX"):
+        load_config("tiny", ["data.local=x", "checkpoint.remote=s3:///run"])
+
+    missing = "checkpoint.remote=s3://no-such-bucket/run"
+    code, output = train(token_data, tmp_path / "run", missing, "doctor=false", nproc=0)
+    assert code == 2, output
+    assert output.strip().splitlines()[-1] == (
+        "trainer: checkpoint.remote: s3://no-such-bucket/run: not found "
+        "(NoSuchBucket: The specified bucket does not exist)"
     )
