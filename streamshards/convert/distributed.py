@@ -186,7 +186,8 @@ def write_shard_task(
 ) -> dict:
     """Phase 3: build one planned shard from the spills it overlaps and write it into OUT."""
     _first_attempt(*hook)
-    values = shard_values(plan, spills, spec)
+    units = [(read_spill(Path(path))[1], keep) for path, keep in spills]
+    values = shard_values(plan, units, spec)
     types = [parse_column_type(t, c) for c, t in spec.columns.items()]
     chunks = shard_chunks(list(zip(types, values)), plan.samples)
     out = Path(spec.out)
@@ -205,24 +206,21 @@ def write_shard_task(
 
 
 def shard_values(
-    plan: ShardPlan, spills: list[tuple[str, np.ndarray | None]], spec: ShardSpec
+    plan: ShardPlan, units: list[tuple[dict[str, np.ndarray], np.ndarray | None]], spec: ShardSpec
 ) -> list[list[bytes]]:
-    """Per column, the encoded values of one planned shard (``spills``: path and keep mask of
-    each of ``plan.pieces``' units)."""
+    """Per column, the encoded values of one planned shard (``units``: the spill arrays and
+    keep mask of each of ``plan.pieces``' units)."""
     if spec.dtype is not None:
         dtype = np.dtype(spec.dtype)
         parts = []
-        for piece, (path, keep) in zip(plan.pieces, spills):
-            _, arrays = read_spill(Path(path))
-            stream = token_stream(
-                arrays["lengths"], arrays["tokens"], keep, spec.bos, spec.eos, dtype
-            )
+        for piece, (arrays, keep) in zip(plan.pieces, units):
+            lengths, tokens = arrays["lengths"], arrays["tokens"]
+            stream = token_stream(lengths, tokens, keep, spec.bos, spec.eos, dtype)
             parts.append(stream[piece.start : piece.stop])
         stream = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
         return [token_rows(stream, spec.seq_len, plan.pad, spec.pad_id)]
     values: list[list[bytes]] = [[] for _ in spec.columns]
-    for piece, (path, keep) in zip(plan.pieces, spills):
-        _, arrays = read_spill(Path(path))
+    for piece, (arrays, keep) in zip(plan.pieces, units):
         for k, column in enumerate(values):
             offsets = arrays[f"offsets{k}"]
             data = arrays[f"data{k}"].tobytes()

@@ -45,9 +45,9 @@ def test_out_of_range_ids_raise_index_error(many_shards: Path) -> None:
 
 def test_import_does_not_pull_in_optional_dependencies() -> None:
     """`import streamshards` (and its CLI) must work without the s3/gcs/tokenize extras."""
-    heavy = ["boto3", "botocore", "google.cloud", "tokenizers", "pyarrow"]
+    heavy = ["boto3", "botocore", "google.cloud", "tokenizers", "pyarrow", "ray"]
     code = (
-        "import json, sys, streamshards, streamshards.cli; "
+        "import json, sys, streamshards, streamshards.cli, streamshards.convert.run; "
         f"print(json.dumps([m for m in sys.modules if m.startswith(tuple({heavy!r}))]))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

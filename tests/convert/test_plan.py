@@ -1,0 +1,161 @@
+"""A shard plan plus per-shard packing writes exactly the shards of the one-process writer.
+
+``--engine ray`` cuts shards from per-unit counts and packs each shard alone; the local run
+feeds every unit, in order, through TokenPacker/RawPacker into one ShardWriter. For random
+documents, unit splits, duplicates, ``seq_len``, BOS/EOS, ``--tail`` and size limits, both
+give the same shard files, byte for byte.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamshards.columns import parse_column_type
+from streamshards.convert.distributed import ShardSpec, shard_values
+from streamshards.convert.pack import Deduper, RawPacker, TokenPacker
+from streamshards.convert.plan import (
+    plan_raw_shards,
+    plan_token_shards,
+    rows_per_shard,
+    sample_bytes,
+    stream_length,
+)
+from streamshards.format import shard_chunks
+from streamshards.writer import ShardWriter
+
+DTYPE = np.dtype("<u2")
+
+# A unit is a list of documents; a document is (dedup key, length); few keys, so duplicates.
+documents = st.lists(st.tuples(st.integers(0, 6), st.integers(0, 30)), max_size=12)
+units_strategy = st.lists(documents, min_size=1, max_size=6)
+
+
+def _key(number: int) -> bytes:
+    return number.to_bytes(16, "little")
+
+
+def _token_units(units: list, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for docs in units:
+        lengths = np.array([n for _, n in docs], dtype=np.int64)
+        out.append(
+            {
+                "lengths": lengths,
+                "tokens": rng.integers(0, 60000, int(lengths.sum()), dtype=np.int64).astype(DTYPE),
+                "hashes": np.frombuffer(b"".join(_key(k) for k, _ in docs), dtype=np.uint8),
+            }
+        )
+    return out
+
+
+def _raw_units(units: list, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for docs in units:
+        arrays = {"hashes": np.frombuffer(b"".join(_key(k) for k, _ in docs), dtype=np.uint8)}
+        for column in range(2):
+            values = [rng.bytes(n if column == 0 else n % 7) for _, n in docs]
+            offsets = np.zeros(len(values) + 1, dtype=np.int64)
+            np.cumsum([len(v) for v in values], out=offsets[1:])
+            arrays[f"offsets{column}"] = offsets
+            arrays[f"data{column}"] = np.frombuffer(b"".join(values), dtype=np.uint8)
+        out.append(arrays)
+    return out
+
+
+def _local_shards(columns: dict, size_limit: int, feed) -> list[bytes]:
+    """Shard files (uncompressed) written by one ShardWriter fed by ``feed(writer)``."""
+    with tempfile.TemporaryDirectory() as folder:
+        writer = ShardWriter(folder, columns, None, size_limit)
+        feed(writer)
+        index = writer.close()
+        return [(Path(folder) / s.file).read_bytes() for s in index.shards]
+
+
+def _planned_shards(columns: dict, plans, arrays, keeps, spec: ShardSpec) -> list[bytes]:
+    types = [parse_column_type(t, c) for c, t in columns.items()]
+    shards = []
+    for plan in plans:
+        units = [(arrays[p.unit], keeps[p.unit]) for p in plan.pieces]
+        values = shard_values(plan, units, spec)
+        shards.append(b"".join(shard_chunks(list(zip(types, values)), plan.samples)))
+    return shards
+
+
+def _keeps(arrays: list[dict], dedup: bool, count_key: str) -> list[np.ndarray | None]:
+    """Each unit's kept documents, deciding duplicates in unit order as the driver does."""
+    deduper = Deduper()
+    keeps = []
+    for a in arrays:
+        count = len(a[count_key]) - (count_key.startswith("offsets"))
+        keeps.append(np.array(deduper.keep(a["hashes"], count), dtype=bool) if dedup else None)
+    return keeps
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    units=units_strategy,
+    seed=st.integers(0, 1000),
+    seq_len=st.integers(1, 24),
+    size_limit=st.integers(1, 400),
+    bos=st.sampled_from([None, 1]),
+    eos=st.sampled_from([None, 0]),
+    tail=st.sampled_from(["drop", "pad"]),
+    dedup=st.booleans(),
+)
+def test_planned_token_shards_equal_the_token_packer(
+    units, seed, seq_len, size_limit, bos, eos, tail, dedup
+):
+    arrays = _token_units(units, seed)
+    columns = {"tokens": f"ndarray:uint16:{seq_len}"}
+    pad_id = eos if eos is not None else bos
+    if tail == "pad" and pad_id is None:
+        pad_id = 0
+
+    def feed(writer):
+        packer = TokenPacker(writer, seq_len, DTYPE, bos, eos, Deduper() if dedup else None)
+        for unit in arrays:
+            packer.add({k: v for k, v in unit.items() if dedup or k != "hashes"})
+        feed.left = packer.finish(tail, pad_id)
+
+    local = _local_shards(columns, size_limit, feed)
+    keeps = _keeps(arrays, dedup, "lengths")
+    counts = [stream_length(a["lengths"], k, bos, eos) for a, k in zip(arrays, keeps)]
+    per_shard = rows_per_shard(seq_len * DTYPE.itemsize, size_limit)
+    plans, left = plan_token_shards(counts, seq_len, per_shard, tail)
+    spec = ShardSpec("", columns, None, seq_len, DTYPE.str, bos, eos, pad_id)
+    assert _planned_shards(columns, plans, arrays, keeps, spec) == local
+    assert left == feed.left.get("tokens", feed.left.get("tokens_dropped"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    units=units_strategy,
+    seed=st.integers(0, 1000),
+    size_limit=st.integers(1, 200),
+    dedup=st.booleans(),
+)
+def test_planned_raw_shards_equal_the_raw_packer(units, seed, size_limit, dedup):
+    arrays = _raw_units(units, seed)
+    columns = {"text": "str", "url": "str"}
+
+    def feed(writer):
+        packer = RawPacker(writer, 2, Deduper() if dedup else None)
+        for unit in arrays:
+            packer.add({k: v for k, v in unit.items() if dedup or k != "hashes"})
+
+    local = _local_shards(columns, size_limit, feed)
+    keeps = _keeps(arrays, dedup, "offsets0")
+    sizes = []
+    for a, keep in zip(arrays, keeps):
+        encoded = np.diff(a["offsets0"]) + np.diff(a["offsets1"])
+        sizes.append(sample_bytes(encoded if keep is None else encoded[keep], 2))
+    plans = plan_raw_shards(sizes, size_limit)
+    spec = ShardSpec("", columns, None, 0, None, None, None, None)
+    assert _planned_shards(columns, plans, arrays, keeps, spec) == local
