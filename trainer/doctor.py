@@ -6,7 +6,8 @@ The same config, overrides and launch command as ``trainer.pretrain``. Each rank
 dataset, its checkpoint folder and GPU memory alone, then all ranks meet for an all-reduce
 and a clock reading. Results travel through the launch's TCP store, not the process group,
 so a rank that hangs in a collective is named instead of hanging the doctor. Exit 0 when
-every check passes, else EXIT_CODE naming the rank and the check. See docs/TRAINER.md.
+every check passes, 2 when the config's paths or model fail on every rank alike, else
+EXIT_CODE naming the rank(s) and the check. See docs/TRAINER.md.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from trainer.model import ModelConfig, count_params
 from trainer.watchdog import Watchdog
 
 EXIT_CODE = 77  # a check failed on some rank: fix or replace that node before restarting
+CONFIG_ERROR = 2  # as the trainer's config errors: the same launch fails on any nodes
 CHECKS = ("dataset", "checkpoint", "all-reduce", "gpu-memory", "clock", "versions")
-LOCAL = ("dataset", "checkpoint", "gpu-memory")  # checked by each rank alone
+LOCAL = ("dataset", "checkpoint", "gpu-memory")  # checked by each rank alone; when one fails
+# on every rank, the config (a path, the model's size) is what is wrong, not a node
 CLOCK_TOLERANCE_S = 1.0  # S3 rejects requests past 15 min of skew; logs need far better
 NO_TIMEOUT_LIMIT_S = 600.0  # the collective limit when watchdog_timeout is 0 (off)
 # Bytes per parameter: a checkpoint holds fp32 weights and AdamW's two fp32 moments; training
@@ -56,9 +59,9 @@ class Result:
     detail: str
 
 
-def examine(config: dict[str, Any], device: torch.device, full: bool = True) -> list[str]:
-    """Run every check on this rank, print the table on rank 0; returns the failures (the
-    same list on every rank), each naming the check and the rank(s).
+def examine(config: dict[str, Any], device: torch.device, full: bool = True) -> int:
+    """Run every check on this rank, print the table on rank 0; returns the exit code, the
+    same on every rank: 0, CONFIG_ERROR or EXIT_CODE.
 
     ``full=False`` is the trainer's start-up subset: a 1 MiB all-reduce timed once.
     """
@@ -98,21 +101,22 @@ def examine(config: dict[str, Any], device: torch.device, full: bool = True) -> 
 
     phase[0] = "the report"
     if rank == 0:
-        failures = report(store, world_size, limit)
-        store.set("verdict", json.dumps(failures))
+        code = report(store, world_size, limit)
+        store.set("verdict", str(code))
     else:
-        failures = _verdict(store, 3 * limit)
+        code = _verdict(store, 3 * limit)
     watchdog.stop()
-    return failures
+    return code
 
 
 def examine_or_exit(config: dict[str, Any], device: torch.device) -> None:
-    """The trainer's start-up check: on any failure every rank exits with EXIT_CODE (the
-    process group may hold a hung collective, so there is no clean shutdown)."""
-    if examine(config, device, full=False):
+    """The trainer's start-up check: on any failure every rank exits with the doctor's code
+    (the process group may hold a hung collective, so there is no clean shutdown)."""
+    code = examine(config, device, full=False)
+    if code:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_CODE)
+        os._exit(code)
 
 
 def check_dataset(config: dict[str, Any]) -> tuple[Result, int | None]:
@@ -250,9 +254,9 @@ def check_all_reduce(device: torch.device, store: dist.Store, limit: float, full
     return Result(OK, f"{_size(size)} sum correct in {seconds * 1e3:.1f} ms; {speed}")
 
 
-def report(store: dist.Store, world_size: int, limit: float) -> list[str]:
+def report(store: dist.Store, world_size: int, limit: float) -> int:
     """Gather every rank's results (waiting up to ``limit`` s), judge clocks and versions
-    against rank 0, print the table; returns the failures."""
+    against rank 0, print the table; returns the exit code."""
     local = _gather(store, "local", world_size, limit)
     all_reduce = _gather(store, "all-reduce", world_size, limit)
     clocks = _gather(store, "clock", world_size, 0)
@@ -265,14 +269,19 @@ def report(store: dist.Store, world_size: int, limit: float) -> list[str]:
         table[rank] = row
     _judge_clocks(table, clocks)
     _judge_versions(table, local)
-    failures = []
+    failures, everywhere = [], True
     for name in CHECKS:
         bad = [r for r in range(world_size) if table[r][name].status == FAIL]
         if bad:
             failures.append(f"{name} on {_ranks(bad)}")
+            everywhere &= name in LOCAL and len(bad) == world_size
+    code = EXIT_CODE if failures else 0
+    if failures and everywhere:
+        failures.append(f"on every rank alike: a config error (exit {CONFIG_ERROR})")
+        code = CONFIG_ERROR
     print(_format(table, {r: local.get(r, {}).get("host", "?") for r in table}, failures))
     sys.stdout.flush()
-    return failures
+    return code
 
 
 def _judge_clocks(table: dict[int, dict[str, Result]], clocks: dict[int, float]) -> None:
@@ -371,14 +380,15 @@ def _gather(store: dist.Store, key: str, world_size: int, limit: float) -> dict[
     return {r: json.loads(store.get(f"{key}/{r}")) for r in sorted(present)}
 
 
-def _verdict(store: dist.Store, seconds: float) -> list[str]:
-    """Rank 0's list of failures, or one naming rank 0 when it gives none in time."""
+def _verdict(store: dist.Store, seconds: float) -> int:
+    """Rank 0's exit code, or EXIT_CODE when it gives none in time."""
     deadline = time.monotonic() + seconds
     while not store.check(["verdict"]):
         if time.monotonic() > deadline:
-            return [f"report on rank 0 (no verdict within {seconds:g} s)"]
+            print(f"doctor: FAIL: no verdict from rank 0 within {seconds:g} s", file=sys.stderr)
+            return EXIT_CODE
         time.sleep(0.01)
-    return json.loads(store.get("verdict"))
+    return int(store.get("verdict"))
 
 
 def _encode(results: dict[str, Any]) -> str:
@@ -407,11 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     config = load_config(argv[0], argv[1:])
     device, _, _ = init_distributed()
-    failures = examine(config, device)
+    code = examine(config, device)
     sys.stdout.flush()
     sys.stderr.flush()
-    if failures:
-        os._exit(EXIT_CODE)  # a hung collective may hold the process group
+    if code:
+        os._exit(code)  # a hung collective may hold the process group
     dist.destroy_process_group()
     return 0
 

@@ -16,7 +16,7 @@ import boto3
 import pytest
 from trainer_helpers import BASE_OVERRIDES, command, kill_all, start
 
-from trainer.doctor import CHECKS, EXIT_CODE, INJECT_ENV
+from trainer.doctor import CHECKS, CONFIG_ERROR, EXIT_CODE, INJECT_ENV
 
 LIMIT = 2  # watchdog_timeout: the doctor's limit for each collective
 
@@ -126,7 +126,7 @@ def make_read_only(folder: Path) -> None:
             pytest.skip(f"running as root where chattr +i fails: {done.stderr.decode()}")
 
 
-def test_a_read_only_checkpoint_folder_fails_on_every_rank(
+def test_a_read_only_checkpoint_folder_fails_on_every_rank_as_a_config_error(
     tmp_path: Path, token_data: Path
 ) -> None:
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -138,13 +138,13 @@ def test_a_read_only_checkpoint_folder_fails_on_every_rank(
         if os.geteuid() == 0:
             subprocess.run(["chattr", "-i", str(checkpoints)], check=True)
         checkpoints.chmod(0o755)
-    assert code != 0 and f"exitcode  : {EXIT_CODE}" in output, output
+    assert code != 0 and f"exitcode  : {CONFIG_ERROR}" in output, output
     assert {rank: row["checkpoint"] for rank, row in statuses(output).items()} == {
         0: "FAIL",
         1: "FAIL",
     }
     assert f"rank 0: FAIL cannot write {checkpoints}:" in output
-    assert "doctor: FAIL: checkpoint on ranks 0, 1 (2 rank(s))" in output
+    assert "doctor: FAIL: checkpoint on ranks 0, 1; on every rank alike: a config error" in output
 
 
 def test_a_remote_checkpoint_location_must_take_an_object(
@@ -161,7 +161,7 @@ def test_a_remote_checkpoint_location_must_take_an_object(
             listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="run/")
             assert listed["KeyCount"] == 0  # the probe object was removed
         else:
-            assert code == EXIT_CODE and row == "FAIL", output
+            assert code == CONFIG_ERROR and row == "FAIL", output  # the one rank there is
             assert f"rank 0: FAIL cannot write s3://{bucket}/run:" in output
 
 
