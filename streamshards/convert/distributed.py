@@ -57,6 +57,8 @@ from streamshards.writer import output_error, parse_compression, prepare_output
 FAIL_ONCE_ENV = "STREAMSHARDS_CONVERT_FAIL_ONCE"
 STALL_ONCE_ENV = "STREAMSHARDS_CONVERT_STALL_ONCE"
 FAULT_DIR_ENV = "STREAMSHARDS_CONVERT_FAULT_DIR"
+MAX_RANGES = 32
+RANGE_UNITS = 8
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,19 @@ _processors: dict[WorkerSetup, UnitProcessor] = {}
 
 
 def read_file_task(
-    source: InputFile, number: int, spec: ReadSpec, result_path: str, hook: tuple
+    source: InputFile,
+    number: int,
+    spec: ReadSpec,
+    result_path: str,
+    hook: tuple,
+    byte_range: tuple[int, int | None] = (0, None),
 ) -> dict:
-    """Phase 1: cut one file into units, write missing spills, return per-unit counts."""
+    """Phase 1: cut one file into units, write missing spills, return per-unit counts.
+
+    With a byte range, only the units starting inside it are processed; the file is still
+    cut from its start (finding newlines costs little next to tokenizing), so units are the
+    same as a local run's, and the last range reads on to the end to hash the whole file.
+    """
     _first_attempt(*hook)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one task is one core
     processor = _processors.get(spec.setup)
@@ -113,6 +125,11 @@ def read_file_task(
     units, arrays, reused = [], {}, 0
     try:
         for unit in read_units(source, number, spec.unit_bytes, spec.txt_per_line, report):
+            unit_start = unit.end_offset - len(unit.payload)
+            if byte_range[1] is not None and unit_start >= byte_range[1]:
+                break
+            if unit_start < byte_range[0]:
+                continue
             if unit.read_error and spec.on_error == "fail":
                 return {
                     "error": f"{unit.read_error} (use --on-error skip to keep what was readable)"
@@ -142,6 +159,34 @@ def read_file_task(
     }
     _write_result(Path(result_path), meta, arrays)
     return {"meta": meta, "arrays": arrays}
+
+
+def _join_ranges(parts: list[dict]) -> dict:
+    """One file's result from the results of its byte-range tasks, in range order."""
+    units, arrays = [], {}
+    for part in parts:
+        for k, unit in enumerate(part["meta"]["units"]):
+            for key in ("counts", "hashes"):
+                if f"{key}{k}" in part["arrays"]:
+                    arrays[f"{key}{len(units)}"] = part["arrays"][f"{key}{k}"]
+            units.append(unit)
+    reused = sum(part["meta"]["reused"] for part in parts)
+    meta = {"report": parts[-1]["meta"]["report"], "units": units, "reused": reused}
+    return {"meta": meta, "arrays": arrays}
+
+
+def byte_ranges(source: InputFile, unit_bytes: int, txt_per_line: bool) -> list[tuple]:
+    """Newline-aligned ranges for a large uncompressed line file (else the whole file).
+
+    At most MAX_RANGES ranges of at least RANGE_UNITS units each; every range task cuts the
+    file from its start, so more ranges would cost more reading than they save.
+    """
+    lines = source.kind == "jsonl" or (source.kind == "txt" and txt_per_line)
+    count = min(MAX_RANGES, source.size // (RANGE_UNITS * unit_bytes))
+    if not lines or source.codec is not None or count < 2:
+        return [(0, None)]
+    step = -(-source.size // count)
+    return [(r * step, (r + 1) * step if r < count - 1 else None) for r in range(count)]
 
 
 def _spill_counts(spill: Path, num_columns: int) -> tuple[dict, np.ndarray, np.ndarray | None]:
@@ -293,37 +338,37 @@ class DistributedJob(ConvertJob):
             str(self.work.units.resolve()),
             1 + len(self.keep_fields),
         )
-        results: dict[int, dict] = {}
+        parts: dict[tuple[int, int], dict] = {}
+        ranges = [byte_ranges(f, self.unit_bytes, self.options.txt_per_line) for f in self.inputs]
         tasks = []
         for number, source in enumerate(self.inputs):
-            path = self.work.path / "files" / f"{number:06d}.npz"
-            found = _read_result(path)
-            if found is not None:
-                found["meta"]["reused"] = len(found["meta"]["units"])
-                results[number] = found
-                continue
-            name = f"read-{number:06d}"
-            absolute = replace(source, path=os.path.abspath(source.path))
-            tasks.append(
-                Task(
-                    name,
-                    read_file_task,
-                    (absolute, number, spec, str(path.resolve()), self._hook(name)),
-                )
-            )
-        bytes_done = sum(self.inputs[n].size for n in results)
-        documents = tokens = 0
+            for r, byte_range in enumerate(ranges[number]):
+                part = f"{number:06d}" + (f"-{r:03d}" if len(ranges[number]) > 1 else "")
+                path = self.work.path / "files" / f"{part}.npz"
+                found = _read_result(path)
+                if found is not None:
+                    found["meta"]["reused"] = len(found["meta"]["units"])
+                    parts[number, r] = found
+                    continue
+                name = f"read-{part}"
+                absolute = replace(source, path=os.path.abspath(source.path))
+                args = (absolute, number, spec, str(path.resolve()), self._hook(name), byte_range)
+                tasks.append(Task(name, read_file_task, args))
+        bytes_done = documents = tokens = 0
         for name, result in engine.run(tasks):
             if "error" in result:
                 raise ConvertError(result["error"])
-            number = int(name.split("-")[1])
-            results[number] = result
-            bytes_done += self.inputs[number].size
+            _, number, *r = name.split("-")
+            parts[int(number), int(r[0]) if r else 0] = result
+            bytes_done += self.inputs[int(number)].size // len(ranges[int(number)])
             for unit in result["meta"]["units"]:
                 documents += unit["stats"]["kept"]
                 tokens += unit["stats"]["tokens"]
             self._report(bytes_done, documents, tokens)
-        return [results[n] for n in range(len(self.inputs))]
+        return [
+            _join_ranges([parts[number, r] for r in range(len(ranges[number]))])
+            for number in range(len(self.inputs))
+        ]
 
     def _plan(
         self, files: list[dict]

@@ -8,15 +8,26 @@ give the same shard files, byte for byte.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from convert_helpers import TOKENIZER, dataset_files, sample_docs, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamshards.columns import parse_column_type
-from streamshards.convert.distributed import ShardSpec, shard_values
+from streamshards.convert import ConvertOptions, convert
+from streamshards.convert.distributed import (
+    FAIL_ONCE_ENV,
+    DistributedJob,
+    ShardSpec,
+    byte_ranges,
+    shard_values,
+)
+from streamshards.convert.engine import LocalEngine
+from streamshards.convert.inputs import find_inputs
 from streamshards.convert.pack import Deduper, RawPacker, TokenPacker
 from streamshards.convert.plan import (
     plan_raw_shards,
@@ -159,3 +170,34 @@ def test_planned_raw_shards_equal_the_raw_packer(units, seed, size_limit, dedup)
     plans = plan_raw_shards(sizes, size_limit)
     spec = ShardSpec("", columns, None, 0, None, None, None, None)
     assert _planned_shards(columns, plans, arrays, keeps, spec) == local
+
+
+def test_the_engine_job_on_local_processes_writes_the_bytes_of_a_local_run(tmp_path, monkeypatch):
+    """The whole three-phase job (files cut into byte ranges, one task per shard, a task
+    failing once) on the local engine, against ``convert --workers 1``."""
+    docs = sample_docs(300)
+    inputs = [
+        write_jsonl(tmp_path / "a.jsonl.gz", docs[:120], "gzip"),
+        write_jsonl(tmp_path / "b.jsonl", docs[100:] + docs[:10]),
+    ]
+    assert len(byte_ranges(find_inputs([str(inputs[1])])[0], 8000, False)) > 2
+    for options in (
+        {"tokenizer": str(TOKENIZER), "seq_len": 64, "dedup": True, "tail": "pad"},
+        {"keep_fields": ["url"], "dedup": True},
+    ):
+        common = dict(inputs=[str(p) for p in inputs], unit_size="8KB", size_limit="20KB")
+        convert(ConvertOptions(out=str(tmp_path / "local"), workers=1, **common, **options))
+        engine = LocalEngine(2)
+        try:
+            job = DistributedJob(
+                ConvertOptions(out=str(tmp_path / "engine"), **common, **options), engine=engine
+            )
+            monkeypatch.setenv(FAIL_ONCE_ENV, "read-000001-001,shard-000001")
+            job.run()
+        finally:
+            engine.close()
+        assert engine.counts.retried == 2
+        local = dataset_files(tmp_path / "local")
+        assert len(local) > 3 and dataset_files(tmp_path / "engine") == local
+        shutil.rmtree(tmp_path / "local")
+        shutil.rmtree(tmp_path / "engine")
