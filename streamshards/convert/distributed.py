@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -29,7 +30,7 @@ import numpy as np
 from streamshards.columns import parse_column_type
 from streamshards.convert.engine import Engine, RetryableTaskError, Task, open_engine
 from streamshards.convert.errors import ConvertError
-from streamshards.convert.inputs import FileReport, InputFile, read_units
+from streamshards.convert.inputs import FileReport, InputFile, find_inputs, format_of, read_units
 from streamshards.convert.options import Progress
 from streamshards.convert.pack import Deduper
 from streamshards.convert.plan import (
@@ -48,7 +49,7 @@ from streamshards.convert.tokenize import TokenizerInfo
 from streamshards.convert.worker import UnitProcessor, WorkerSetup
 from streamshards.format import shard_chunks, write_shard
 from streamshards.index import INDEX_NAME, Index, ShardInfo, creation_time, write_index
-from streamshards.util import atomic_write, fsync_folder, parse_size
+from streamshards.util import atomic_write, fsync_folder, is_remote, parse_size
 from streamshards.writer import output_error, parse_compression, prepare_output
 
 # Test hook: task name patterns (``read-000001``, ``shard-*``) that fail on their first
@@ -123,17 +124,18 @@ def read_file_task(
         processor = _processors[spec.setup] = UnitProcessor(spec.setup)
     report = FileReport(source.size)
     units, arrays, reused = [], {}, 0
+    fetched = _fetch_input(source) if is_remote(source.path) else None
+    reading = source if fetched is None else replace(source, path=fetched)
     try:
-        for unit in read_units(source, number, spec.unit_bytes, spec.txt_per_line, report):
+        for unit in read_units(reading, number, spec.unit_bytes, spec.txt_per_line, report):
             unit_start = unit.end_offset - len(unit.payload)
             if byte_range[1] is not None and unit_start >= byte_range[1]:
                 break
             if unit_start < byte_range[0]:
                 continue
             if unit.read_error and spec.on_error == "fail":
-                return {
-                    "error": f"{unit.read_error} (use --on-error skip to keep what was readable)"
-                }
+                error = unit.read_error.replace(reading.path, source.path)
+                return {"error": f"{error} (use --on-error skip to keep what was readable)"}
             spill = Path(spec.units) / f"{unit.name}.npz"
             if spill.exists():
                 reused += 1
@@ -146,7 +148,12 @@ def read_file_task(
                 arrays[f"hashes{k}"] = hashes
             units.append({"name": unit.name, "end_offset": unit.end_offset, "stats": stats})
     except ConvertError as err:
-        return {"error": str(err)}
+        return {"error": str(err).replace(reading.path, source.path)}
+    finally:
+        if fetched is not None:
+            os.unlink(fetched)
+    if report.read_error:
+        report.read_error = report.read_error.replace(reading.path, source.path)
     meta = {
         "report": {
             "xxh3_64": report.xxh3_64,
@@ -183,10 +190,69 @@ def byte_ranges(source: InputFile, unit_bytes: int, txt_per_line: bool) -> list[
     """
     lines = source.kind == "jsonl" or (source.kind == "txt" and txt_per_line)
     count = min(MAX_RANGES, source.size // (RANGE_UNITS * unit_bytes))
-    if not lines or source.codec is not None or count < 2:
+    if not lines or source.codec is not None or is_remote(source.path) or count < 2:
         return [(0, None)]
     step = -(-source.size // count)
     return [(r * step, (r + 1) * step if r < count - 1 else None) for r in range(count)]
+
+
+def find_any_inputs(specs: list[str]) -> list[InputFile]:
+    """Like ``inputs.find_inputs``, and also ``s3://``/``gs://`` objects, prefixes and globs
+    (a prefix is listed one level deep; matches are taken in name order)."""
+    if not any(is_remote(spec) for spec in specs):
+        return find_inputs(specs)
+    found: list[InputFile] = []
+    for spec in specs:
+        found.extend(_remote_inputs(spec) if is_remote(spec) else find_inputs([spec]))
+    seen: set[str] = set()
+    unique = []
+    for source in found:
+        key = source.path if is_remote(source.path) else os.path.realpath(source.path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(source)
+    return unique
+
+
+def _remote_inputs(spec: str) -> list[InputFile]:
+    from streamshards.storage import StorageError, open_storage
+
+    parent, _, last = spec.rstrip("/").rpartition("/")
+    try:
+        if any(ch in last for ch in "*?["):
+            objects = [o for o in open_storage(parent).list() if fnmatch(o.name, last)]
+            root = parent
+        elif format_of(last) and not spec.endswith("/"):
+            objects, root = [open_storage(parent).stat(last)], parent
+        else:
+            objects, root = open_storage(spec.rstrip("/")).list(), spec.rstrip("/")
+    except StorageError as err:
+        raise ConvertError(f"input {spec}: {err}") from None
+    except ValueError as err:
+        raise ConvertError(f"input {spec}: {err}") from None
+    inputs = []
+    for info in objects:
+        kind_codec = format_of(info.name)
+        if kind_codec:
+            inputs.append(InputFile(f"{root}/{info.name}", *kind_codec, info.size))
+    if not inputs:
+        raise ConvertError(f"input {spec!r} matches no supported file")
+    return inputs
+
+
+def _fetch_input(source: InputFile) -> str:
+    """A worker reads its own input: a remote object is downloaded to a local temporary file."""
+    from streamshards.storage import open_storage
+
+    parent, _, name = source.path.rpartition("/")
+    handle, path = tempfile.mkstemp(prefix="streamshards-input-", suffix=f"-{name}")
+    os.close(handle)
+    try:
+        open_storage(parent).get(name, path, expected_size=source.size)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
 
 
 def _spill_counts(spill: Path, num_columns: int) -> tuple[dict, np.ndarray, np.ndarray | None]:
@@ -289,6 +355,16 @@ class DistributedJob(ConvertJob):
         super().__init__(options, progress)
         self._engine = engine
 
+    def _find_inputs(self) -> list[InputFile]:
+        return find_any_inputs(list(self.options.inputs))
+
+    def _input_stamps(self) -> list[list]:
+        """Local files as a local run stamps them; remote objects by URL and size."""
+        return [
+            [f.path, f.size, None] if is_remote(f.path) else [f.path, *_stamp(f.path)]
+            for f in self.inputs
+        ]
+
     def _run(self):
         start = time.perf_counter()
         if self._already_done():
@@ -351,7 +427,9 @@ class DistributedJob(ConvertJob):
                     parts[number, r] = found
                     continue
                 name = f"read-{part}"
-                absolute = replace(source, path=os.path.abspath(source.path))
+                absolute = source
+                if not is_remote(source.path):
+                    absolute = replace(source, path=os.path.abspath(source.path))
                 args = (absolute, number, spec, str(path.resolve()), self._hook(name), byte_range)
                 tasks.append(Task(name, read_file_task, args))
         bytes_done = documents = tokens = 0
@@ -543,6 +621,11 @@ def _versions() -> dict[str, str]:
 def _absolute(info: TokenizerInfo | None) -> TokenizerInfo | None:
     """The tokenizer with an absolute path: a task's working folder is not the driver's."""
     return None if info is None else replace(info, path=os.path.abspath(info.path))
+
+
+def _stamp(path: str) -> list[int]:
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _read_json(path: Path) -> Any:

@@ -63,7 +63,7 @@ class ConvertJob:
         self.report_progress = progress or (lambda p: None)
         self.out = Path(options.out)
         self._check_options()
-        self.inputs: list[InputFile] = find_inputs(options.inputs)
+        self.inputs: list[InputFile] = self._find_inputs()
         self.unit_bytes = parse_size(options.unit_size)
         self.keep_fields = parse_keep_fields(options.keep_fields, options.text_field)
         if options.user_filter:
@@ -116,13 +116,20 @@ class ConvertJob:
             options.pop(name)
         options["keep_fields"] = list(self.keep_fields)
         options["unit_bytes"] = self.unit_bytes
-        stats = [os.stat(f.path) for f in self.inputs]
         return {
             "tool": __version__,
-            "inputs": [[f.path, s.st_size, s.st_mtime_ns] for f, s in zip(self.inputs, stats)],
+            "inputs": self._input_stamps(),
             "tokenizer": self.tokenizer.xxh3_64 if self.tokenizer else None,
             "options": options,
         }
+
+    def _find_inputs(self) -> list[InputFile]:
+        return find_inputs(self.options.inputs)
+
+    def _input_stamps(self) -> list[list]:
+        """What identifies each input's content for resuming: path, size, modification time."""
+        stats = [os.stat(f.path) for f in self.inputs]
+        return [[f.path, s.st_size, s.st_mtime_ns] for f, s in zip(self.inputs, stats)]
 
     def _columns(self) -> dict[str, str]:
         if self.tokenizer:

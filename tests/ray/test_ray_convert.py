@@ -37,6 +37,28 @@ FAST_HC = json.dumps(
 )
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 ADDRESS = "127.0.0.1:6379"
+# moto's S3 server, inside the namespace: every node and driver finds it through the
+# standard endpoint variable, as a real cluster's nodes would find their object store.
+S3_ENV = {
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:5000",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+S3_SCRIPT = """
+import pathlib, sys
+import boto3
+s3 = boto3.client("s3")
+if sys.argv[1] == "put":
+    s3.create_bucket(Bucket="corpus")
+    for name in sys.argv[2:]:
+        s3.upload_file(name, "corpus", "c4/" + pathlib.Path(name).name)
+else:
+    prefix, folder = sys.argv[2], pathlib.Path(sys.argv[3])
+    folder.mkdir(parents=True)
+    for item in s3.list_objects_v2(Bucket="corpus", Prefix=prefix).get("Contents", []):
+        s3.download_file("corpus", item["Key"], str(folder / item["Key"][len(prefix):]))
+"""
 
 
 def _children(pid: int) -> list[int]:
@@ -82,9 +104,26 @@ class Cluster:
         )
         self.nodes: list[subprocess.Popen] = []
         time.sleep(0.3)
+        self.s3 = subprocess.Popen(
+            self.inside([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", "5000"]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, **RAY_ENV, **extra}
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        return {**environ, **RAY_ENV, **S3_ENV, **extra}
+
+    def python(self, code: str, *args) -> None:
+        """Run ``code`` in the namespace (where the S3 server is)."""
+        run = subprocess.run(
+            self.inside([sys.executable, "-c", code, *map(str, args)]),
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
 
     def inside(self, args: list[str]) -> list[str]:
         return ["nsenter", "-t", str(self.holder.pid), "-n", *args]
@@ -155,6 +194,7 @@ class Cluster:
     def close(self) -> None:
         for node in reversed(self.nodes):
             _kill_tree(node.pid)
+        _kill_tree(self.s3.pid)
         self.holder.kill()
         self.holder.wait()
         shutil.rmtree(self.temp, ignore_errors=True)
@@ -224,6 +264,25 @@ def test_a_task_failing_on_its_first_attempt_is_retried_to_the_same_bytes(
     options = [*TOKENIZED, "--unit-size", "32KB"]
     _same_as_local(cluster, corpus, tmp_path, options, env)
     assert sorted(p.name for p in faults.iterdir()) == ["read-000001", "shard-000002"]
+
+
+def test_inputs_and_out_on_s3_give_the_bytes_of_a_local_run(cluster, corpus, tmp_path):
+    options = [*TOKENIZED, "--dedup", "--unit-size", "32KB"]
+    run_convert(*corpus, tmp_path / "local", "--workers", "2", *options)
+    cluster.python(S3_SCRIPT, "put", *corpus)
+    code, output = cluster.convert("s3://corpus/c4/part-*.jsonl*", "s3://corpus/out", *options)
+    assert code == 0, output
+    cluster.python(S3_SCRIPT, "get", "out/", tmp_path / "ray")
+    local, ray = dataset_files(tmp_path / "local"), dataset_files(tmp_path / "ray")
+    local_index, ray_index = json.loads(local.pop("index.json")), json.loads(ray.pop("index.json"))
+    assert len(local) > 3 and ray == local  # the same shards, and nothing else left in OUT
+    files = [i.pop("file") for i in ray_index["provenance"]["inputs"]]
+    assert files == [f"s3://corpus/c4/{p.name}" for p in corpus]
+    for index in (local_index, ray_index):
+        index["provenance"].pop("job")  # it covers where the inputs are
+        for item in index["provenance"]["inputs"]:
+            item.pop("file", None)
+    assert ray_index == local_index
 
 
 def _wait_for(predicate, seconds: float = 60) -> None:
