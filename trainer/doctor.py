@@ -46,7 +46,8 @@ NO_TIMEOUT_LIMIT_S = 600.0  # the collective limit when watchdog_timeout is 0 (o
 CHECKPOINT_BYTES_PER_PARAM = 12
 TRAINING_BYTES_PER_PARAM = 16
 LIBRARIES = ("torch", "streamshards", "numpy", "zstandard", "tokenizers")
-# Test-only fault: "hang_allreduce@RANK" makes that rank never start the all-reduce.
+# Test-only fault: "hang_allreduce@RANK" makes that rank never start the all-reduce (first
+# launch attempt only, as trainer/faults.py's).
 INJECT_ENV = "TRAINER_DOCTOR_INJECT"
 OK, FAIL, SKIP, WAIT = "ok", "FAIL", "skip", "wait"  # WAIT: stuck waiting for a blamed rank
 
@@ -316,7 +317,7 @@ def _judge_versions(table: dict[int, dict[str, Result]], local: dict[int, Any]) 
             row["versions"] = Result(OK, listed if rank == 0 else "same as rank 0")
 
 
-def _format(table: dict[int, dict[str, Result]], hosts: dict[int, str], failures: list) -> str:
+def _format(table: dict[int, dict[str, Result]], hosts: dict[int, str], failures: list[str]) -> str:
     """A status grid (rank x check), then rank 0's detail and every other rank's that is not
     ok, then the verdict."""
     width = max(len(h) for h in [*hosts.values(), "host"])
@@ -396,17 +397,21 @@ def _encode(results: dict[str, Any]) -> str:
 
 
 def _injected(kind: str, rank: int) -> bool:
-    """Whether the test-only ``TRAINER_DOCTOR_INJECT`` asks for ``kind@rank`` here."""
-    wanted = os.environ.get(INJECT_ENV, "").split(",")
-    return f"{kind}@{rank}" in wanted
+    """Whether the test-only ``TRAINER_DOCTOR_INJECT`` asks for ``kind@rank`` here; like the
+    trainer's injections, only in the first launch attempt."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return False
+    return f"{kind}@{rank}" in os.environ.get(INJECT_ENV, "").split(",")
 
 
 def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+    """A byte count in binary units (``12.8 MiB``)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = 0
+    while count >= 1024 and power < len(units) - 1:
         count /= 1024
-    raise AssertionError("unreachable")
+        power += 1
+    return f"{count:.0f} B" if power == 0 else f"{count:.1f} {units[power]}"
 
 
 def main(argv: list[str] | None = None) -> int:
