@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import click
 
 from streamshards.convert.errors import ConvertError
@@ -9,7 +11,7 @@ from streamshards.convert.lock import OutputLock
 from streamshards.convert.options import ConvertOptions, ConvertResult, Progress
 from streamshards.convert.remote import RemoteOutput
 from streamshards.convert.run import convert as run_convert
-from streamshards.util import human_size
+from streamshards.util import human_size, is_remote
 
 
 class _ProgressBar:
@@ -142,14 +144,24 @@ def convert(inputs: tuple[str, ...], out: str, keep_fields: str, quiet: bool, **
     bar = _ProgressBar(not quiet)
     try:
         remote = RemoteOutput(out)
+        # An engine's tasks write a remote OUT themselves; a local job stages it and uploads.
+        direct = options["engine"] != "local" and is_remote(out)
         # One lock over converting and uploading: a second job waits for neither.
         with OutputLock(remote.local):
             result = run_convert(
-                ConvertOptions(inputs=inputs, out=remote.local, keep_fields=fields, **options),
+                ConvertOptions(
+                    inputs=inputs,
+                    out=out if direct else remote.local,
+                    keep_fields=fields,
+                    **options,
+                ),
                 bar,
             )
             bar.close()
-            remote.publish(progress=not quiet)
+            if direct:
+                shutil.rmtree(remote.local, ignore_errors=True)
+            else:
+                remote.publish(progress=not quiet)
     except ConvertError as err:
         bar.close()
         raise click.ClickException(str(err)) from None

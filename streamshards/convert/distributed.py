@@ -15,6 +15,7 @@ and writes index.json last.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from streamshards.columns import parse_column_type
+from streamshards.convert.area import Area
 from streamshards.convert.engine import Engine, RetryableTaskError, Task, open_engine
 from streamshards.convert.errors import ConvertError
 from streamshards.convert.inputs import FileReport, InputFile, find_inputs, format_of, read_units
@@ -43,14 +45,23 @@ from streamshards.convert.plan import (
     token_rows,
     token_stream,
 )
-from streamshards.convert.run import UNREADABLE_FILE, ConvertJob
-from streamshards.convert.spill import read_spill
+from streamshards.convert.run import SHARD_FILE, UNREADABLE_FILE, ConvertJob
+from streamshards.convert.spill import JOB_NAME, WORK_NAME, read_spill
 from streamshards.convert.tokenize import TokenizerInfo
 from streamshards.convert.worker import UnitProcessor, WorkerSetup
 from streamshards.format import shard_chunks, write_shard
-from streamshards.index import INDEX_NAME, Index, ShardInfo, creation_time, write_index
-from streamshards.util import atomic_write, fsync_folder, is_remote, parse_size
-from streamshards.writer import output_error, parse_compression, prepare_output
+from streamshards.index import (
+    INDEX_NAME,
+    Index,
+    IndexFormatError,
+    ShardInfo,
+    creation_time,
+    index_bytes,
+    parse_index_bytes,
+    write_index,
+)
+from streamshards.util import fsync_folder, is_remote, parse_size
+from streamshards.writer import OutputError, output_error, parse_compression, prepare_output
 
 # Test hook: task name patterns (``read-000001``, ``shard-*``) that fail on their first
 # attempt, and ``PATTERN:SECONDS`` pairs that stall it (to kill a node or the driver then).
@@ -58,6 +69,7 @@ from streamshards.writer import output_error, parse_compression, prepare_output
 FAIL_ONCE_ENV = "STREAMSHARDS_CONVERT_FAIL_ONCE"
 STALL_ONCE_ENV = "STREAMSHARDS_CONVERT_STALL_ONCE"
 FAULT_DIR_ENV = "STREAMSHARDS_CONVERT_FAULT_DIR"
+WORK_FOLDERS = ("units", "files", "shards")
 MAX_RANGES = 32
 RANGE_UNITS = 8
 
@@ -70,7 +82,7 @@ class ReadSpec:
     txt_per_line: bool
     on_error: str
     setup: WorkerSetup
-    units: str  # the work folder's spill folder
+    work: Area  # the work folder (spills in units/, results in files/)
     num_columns: int  # raw mode: text plus kept fields
 
 
@@ -78,7 +90,7 @@ class ReadSpec:
 class ShardSpec:
     """What a shard task needs besides its plan: the columns, the packing and OUT."""
 
-    out: str
+    out: Area
     columns: dict[str, str]
     level: int | None
     seq_len: int
@@ -86,6 +98,7 @@ class ShardSpec:
     bos: int | None
     eos: int | None
     pad_id: int | None
+    work: Area | None = None
 
 
 def _first_attempt(marker: str | None, stall: float) -> None:
@@ -107,7 +120,7 @@ def read_file_task(
     source: InputFile,
     number: int,
     spec: ReadSpec,
-    result_path: str,
+    result_name: str,
     hook: tuple,
     byte_range: tuple[int, int | None] = (0, None),
 ) -> dict:
@@ -136,12 +149,17 @@ def read_file_task(
             if unit.read_error and spec.on_error == "fail":
                 error = unit.read_error.replace(reading.path, source.path)
                 return {"error": f"{error} (use --on-error skip to keep what was readable)"}
-            spill = Path(spec.units) / f"{unit.name}.npz"
-            if spill.exists():
+            spill = f"units/{unit.name}.npz"
+            if spec.work.size(spill) >= 0:
                 reused += 1
+                with spec.work.fetched(spill) as path:
+                    stats, counts, hashes = _spill_counts(path, spec.num_columns)
             else:
-                processor.process(source.kind, unit.payload, source.path, unit.first_line, spill)
-            stats, counts, hashes = _spill_counts(spill, spec.num_columns)
+                path = spec.work.local_path(spill) or _temporary(unit.name)
+                processor.process(source.kind, unit.payload, source.path, unit.first_line, path)
+                stats, counts, hashes = _spill_counts(path, spec.num_columns)
+                if spec.work.remote:
+                    spec.work.upload(path, spill)
             k = len(units)
             arrays[f"counts{k}"] = counts
             if hashes is not None:
@@ -164,8 +182,13 @@ def read_file_task(
         "units": units,
         "reused": reused,
     }
-    _write_result(Path(result_path), meta, arrays)
+    _write_result(spec.work, result_name, meta, arrays)
     return {"meta": meta, "arrays": arrays}
+
+
+def _temporary(name: str) -> Path:
+    """A local file name for output on its way to a remote area."""
+    return Path(tempfile.gettempdir()) / f"streamshards-{os.getpid()}-{name}.npz"
 
 
 def _join_ranges(parts: list[dict]) -> dict:
@@ -266,23 +289,22 @@ def _spill_counts(spill: Path, num_columns: int) -> tuple[dict, np.ndarray, np.n
     return stats, counts, arrays.get("hashes")
 
 
-def _write_result(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+def _write_result(area: Area, name: str, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     """A finished task's result, atomically: it marks the task done for a re-run."""
     payload = {"meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
     payload.update(arrays)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **payload)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **payload)
+    area.write(name, buffer.getvalue())
 
 
-def _read_result(path: Path) -> dict | None:
+def _read_result(area: Area, name: str) -> dict | None:
     """A finished task's result, or None when it has not finished."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError):
+    data = area.read(name)
+    if data is None:
         return None
+    with np.load(io.BytesIO(data), allow_pickle=False) as loaded:
+        arrays = {key: loaded[key] for key in loaded.files}
     meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
     return {"meta": meta, "arrays": arrays}
 
@@ -292,27 +314,33 @@ def write_shard_task(
     plan: ShardPlan,
     spills: list[tuple[str, np.ndarray | None]],
     spec: ShardSpec,
-    result_path: str,
+    result_name: str,
     hook: tuple,
 ) -> dict:
     """Phase 3: build one planned shard from the spills it overlaps and write it into OUT."""
     _first_attempt(*hook)
-    units = [(read_spill(Path(path))[1], keep) for path, keep in spills]
+    units = []
+    for spill, keep in spills:
+        with spec.work.fetched(spill) as path:
+            units.append((read_spill(path)[1], keep))
     values = shard_values(plan, units, spec)
     types = [parse_column_type(t, c) for c, t in spec.columns.items()]
-    chunks = shard_chunks(list(zip(types, values)), plan.samples)
-    out = Path(spec.out)
-    tmp = out / f".{name}.{os.getpid()}.tmp"
+    chunks = [b"".join(shard_chunks(list(zip(types, values)), plan.samples))]
+    out = spec.out.local_path("")
+    tmp = _temporary(name) if out is None else out / f".{name}.{os.getpid()}.tmp"
     try:
-        raw_bytes, stored_bytes, digest = write_shard(tmp, [b"".join(chunks)], spec.level)
-        os.replace(tmp, out / name)
-        fsync_folder(out)
+        raw_bytes, stored_bytes, digest = write_shard(tmp, chunks, spec.level)
+        if out is None:
+            spec.out.upload(tmp, name)
+        else:
+            os.replace(tmp, out / name)
+            fsync_folder(out)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise output_error(out, err) from None
+        raise output_error(spec.out.root, err) from None
     compression = "zstd" if spec.level is not None else None
     info = ShardInfo(name, plan.samples, raw_bytes, stored_bytes, digest, compression)
-    atomic_write(Path(result_path), json.dumps(info.to_dict()).encode("utf-8"))
+    spec.work.write(result_name, json.dumps(info.to_dict()).encode("utf-8"))
     return info.to_dict()
 
 
@@ -354,6 +382,18 @@ class DistributedJob(ConvertJob):
     def __init__(self, options, progress=None, engine: Engine | None = None):
         super().__init__(options, progress)
         self._engine = engine
+        out = options.out if is_remote(options.out) else os.path.abspath(options.out)
+        self.out_area = Area(out.rstrip("/"))
+        self.work_area = self.out_area.sub(WORK_NAME)
+
+    def run(self):
+        """As ConvertJob.run; a remote OUT is written directly, its lock held by the caller."""
+        if not self.out_area.remote:
+            return super().run()
+        try:
+            return self._run()
+        except OutputError as err:
+            raise ConvertError(f"OUT {err}") from None
 
     def _find_inputs(self) -> list[InputFile]:
         return find_any_inputs(list(self.options.inputs))
@@ -365,14 +405,45 @@ class DistributedJob(ConvertJob):
             for f in self.inputs
         ]
 
+    def _already_done(self) -> bool:
+        """True when OUT already holds this very job's dataset (a re-run after success)."""
+        data = self.out_area.read(INDEX_NAME)
+        if data is None:
+            return False
+        try:
+            provenance = parse_index_bytes(data, self.out_area.url(INDEX_NAME)).provenance
+        except (IndexFormatError, ValueError):
+            provenance = {}
+        if provenance.get("job") == self.job_id:
+            self.work_area.remove_all(WORK_FOLDERS)
+            self.result.already_done = True
+            return True
+        if not self.options.overwrite:
+            raise ConvertError(
+                f"{self.options.out} already holds a dataset; pass --overwrite to replace it"
+            )
+        return False
+
+    def _open_work(self) -> None:
+        """Start or resume this job's work area (wiping one of a different job)."""
+        found = self.work_area.read(JOB_NAME)
+        job = json.dumps(self.job, indent=1, sort_keys=True).encode("utf-8")
+        if found is not None and json.loads(found) != json.loads(job):
+            self.work_area.remove_all(WORK_FOLDERS)
+            found = None
+        if not self.work_area.remote:
+            for folder in WORK_FOLDERS:
+                Path(self.work_area.root, folder).mkdir(parents=True, exist_ok=True)
+        if found is None:
+            self.work_area.write(JOB_NAME, job)
+
     def _run(self):
         start = time.perf_counter()
         if self._already_done():
             return self.result
-        prepare_output(self.out)
-        self.done = self.work.open(self.job)
-        for folder in ("files", "shards", "faults"):
-            (self.work.path / folder).mkdir(exist_ok=True)
+        if not self.out_area.remote:
+            prepare_output(self.out)
+        self._open_work()
         engine = self._engine or open_engine(self.options.engine, self.options.workers)
         try:
             engine.check_versions(_versions())
@@ -380,14 +451,22 @@ class DistributedJob(ConvertJob):
             plans, units = self._plan(files)
             if self.packer.samples == 0:
                 self._finish_empty()
-            index_path = self.out / INDEX_NAME
-            index_path.unlink(missing_ok=True)
+            self.out_area.delete(INDEX_NAME)
             infos = self._write_shards(engine, plans, units)
         finally:
             if self._engine is None:
                 engine.close()
         self._publish(infos, start)
         return self.result
+
+    def _remove_stale(self, keep: set[str]) -> None:
+        """Shard files that the new index does not list (of an earlier or different job)."""
+        if not self.out_area.remote:
+            self._remove_stale_shards(keep)
+            return
+        for name in self.out_area.names():
+            if SHARD_FILE.match(name) and name not in keep:
+                self.out_area.delete(name)
 
     def _hook(self, name: str) -> tuple[str | None, float]:
         """The test hook's marker and stall for task ``name`` (None: no fault injected)."""
@@ -396,7 +475,9 @@ class DistributedJob(ConvertJob):
         stall = next((float(s) for p, s in stalls if fnmatch(name, p)), 0.0)
         if not stall and not any(fnmatch(name, p) for p in fail):
             return None, 0.0
-        folder = os.environ.get(FAULT_DIR_ENV) or str(self.work.path / "faults")
+        folder = os.environ.get(FAULT_DIR_ENV) or os.path.join(
+            tempfile.gettempdir(), f"streamshards-faults-{self.job_id}"
+        )
         return os.path.join(folder, name), stall
 
     def _report(self, bytes_done: int, documents: int, tokens: int) -> None:
@@ -411,7 +492,7 @@ class DistributedJob(ConvertJob):
             self.options.txt_per_line,
             self.options.on_error,
             setup,
-            str(self.work.units.resolve()),
+            self.work_area,
             1 + len(self.keep_fields),
         )
         parts: dict[tuple[int, int], dict] = {}
@@ -420,8 +501,8 @@ class DistributedJob(ConvertJob):
         for number, source in enumerate(self.inputs):
             for r, byte_range in enumerate(ranges[number]):
                 part = f"{number:06d}" + (f"-{r:03d}" if len(ranges[number]) > 1 else "")
-                path = self.work.path / "files" / f"{part}.npz"
-                found = _read_result(path)
+                result_name = f"files/{part}.npz"
+                found = _read_result(self.work_area, result_name)
                 if found is not None:
                     found["meta"]["reused"] = len(found["meta"]["units"])
                     parts[number, r] = found
@@ -430,7 +511,7 @@ class DistributedJob(ConvertJob):
                 absolute = source
                 if not is_remote(source.path):
                     absolute = replace(source, path=os.path.abspath(source.path))
-                args = (absolute, number, spec, str(path.resolve()), self._hook(name), byte_range)
+                args = (absolute, number, spec, result_name, self._hook(name), byte_range)
                 tasks.append(Task(name, read_file_task, args))
         bytes_done = documents = tokens = 0
         for name, result in engine.run(tasks):
@@ -483,7 +564,7 @@ class DistributedJob(ConvertJob):
                 result.bytes_read += stats["bytes_read"]
                 self.dropped.update(stats["dropped"])
                 self.bad.update(stats["errors"])
-                units.append((str((self.work.units / f"{unit['name']}.npz").resolve()), keep))
+                units.append((f"units/{unit['name']}.npz", keep))
                 kept = counts if keep is None else counts[keep]
                 if tk is not None:
                     document_tokens += int(kept.sum())
@@ -519,8 +600,8 @@ class DistributedJob(ConvertJob):
         result = self.result
         result.dropped = dict(sorted(self.dropped.items()))
         result.bad_records = dict(sorted(self.bad.items()))
-        self.work.remove()
-        self._remove_stale_shards(keep=set())
+        self.work_area.remove_all(WORK_FOLDERS)
+        self._remove_stale(keep=set())
         what = "documents" if not self.tokenizer else f"a full sequence of {self.options.seq_len}"
         raise ConvertError(
             f"no {what} to write: read {result.documents_read} documents from "
@@ -535,7 +616,7 @@ class DistributedJob(ConvertJob):
         tk = self.tokenizer
         level = parse_compression(self.options.compression)
         spec = ShardSpec(
-            str(self.out.resolve()),
+            self.out_area,
             self._columns(),
             level,
             self.options.seq_len,
@@ -543,15 +624,16 @@ class DistributedJob(ConvertJob):
             tk.bos_id if tk is not None else None,
             tk.eos_id if tk is not None else None,
             (tk.eos_id if tk.eos_id is not None else tk.bos_id) if tk is not None else None,
+            self.work_area,
         )
         suffix = ".ssd.zst" if level is not None else ".ssd"
         infos: dict[int, dict] = {}
         tasks = []
         for plan in plans:
             name = f"shard.{plan.number:06d}{suffix}"
-            result_path = self.work.path / "shards" / f"{plan.number:06d}.json"
-            found = _read_json(result_path)
-            if found is not None and _size(self.out / name) == found["stored_bytes"]:
+            result_name = f"shards/{plan.number:06d}.json"
+            found = _read_json(self.work_area, result_name)
+            if found is not None and self.out_area.size(name) == found["stored_bytes"]:
                 infos[plan.number] = found
                 continue
             spills = [units[p.unit] for p in plan.pieces]
@@ -560,7 +642,7 @@ class DistributedJob(ConvertJob):
                 Task(
                     task_name,
                     write_shard_task,
-                    (name, plan, spills, spec, str(result_path.resolve()), self._hook(task_name)),
+                    (name, plan, spills, spec, result_name, self._hook(task_name)),
                 )
             )
         for name, info in engine.run(tasks):
@@ -568,11 +650,11 @@ class DistributedJob(ConvertJob):
         shards = []
         for number in range(len(plans)):
             info = infos[number]
-            size = _size(self.out / info["file"])
+            size = self.out_area.size(info["file"])
             if size != info["stored_bytes"]:
                 raise ConvertError(
-                    f"OUT {self.out}: shard {info['file']} holds {size} bytes, its task wrote "
-                    f"{info['stored_bytes']}; run the same command again"
+                    f"OUT {self.options.out}: shard {info['file']} holds {size} bytes, its "
+                    f"task wrote {info['stored_bytes']}; run the same command again"
                 )
             shards.append(
                 ShardInfo(
@@ -597,12 +679,15 @@ class DistributedJob(ConvertJob):
         }
         provenance.update(self._provenance(self.tail))
         index = Index(self._columns(), shards, provenance)
-        try:
-            write_index(self.out, index)
-        except OSError as err:
-            raise output_error(self.out, err) from None
-        self._remove_stale_shards(keep={s.file for s in shards})
-        self.work.remove()
+        if self.out_area.remote:
+            self.out_area.write(INDEX_NAME, index_bytes(index))
+        else:
+            try:
+                write_index(self.out, index)
+            except OSError as err:
+                raise output_error(self.out, err) from None
+        self._remove_stale(keep={s.file for s in shards})
+        self.work_area.remove_all(WORK_FOLDERS)
         if self.tokenizer:
             result.tokens = self.packer.document_tokens
         result.samples = index.num_samples
@@ -628,15 +713,9 @@ def _stamp(path: str) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(area: Area, name: str) -> Any:
+    data = area.read(name)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return None if data is None else json.loads(data)
+    except ValueError:
         return None
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return -1

@@ -52,7 +52,7 @@ from streamshards.writer import (
 
 UNREADABLE_FILE = "unreadable_file"
 DEDUP_RULE = "exact: xxh3-128 of the text lowercased, whitespace runs collapsed; first kept"
-_SHARD_FILE = re.compile(r"^\.?shard\.\d{6}\.ssd(\.zst)?(\.tmp)?$")
+SHARD_FILE = re.compile(r"^\.?shard\.\d{6}\.ssd(\.zst)?(\.tmp)?$")
 
 
 class ConvertJob:
@@ -384,7 +384,7 @@ class ConvertJob:
     def _remove_stale_shards(self, keep: set[str]) -> None:
         """Shard files of an earlier, different or interrupted job that the index does not list."""
         for entry in os.scandir(self.out):
-            if _SHARD_FILE.match(entry.name) and entry.name not in keep:
+            if SHARD_FILE.match(entry.name) and entry.name not in keep:
                 os.unlink(entry.path)
         if not keep and all(p.name == LOCK_NAME for p in self.out.iterdir()):
             # Nothing was written: leave no folder behind. The lock file goes first, while

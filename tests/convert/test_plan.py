@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from streamshards.columns import parse_column_type
 from streamshards.convert import ConvertOptions, convert
+from streamshards.convert.area import Area
 from streamshards.convert.distributed import (
     FAIL_ONCE_ENV,
     DistributedJob,
@@ -140,7 +141,7 @@ def test_planned_token_shards_equal_the_token_packer(
     counts = [stream_length(a["lengths"], k, bos, eos) for a, k in zip(arrays, keeps)]
     per_shard = rows_per_shard(seq_len * DTYPE.itemsize, size_limit)
     plans, left = plan_token_shards(counts, seq_len, per_shard, tail)
-    spec = ShardSpec("", columns, None, seq_len, DTYPE.str, bos, eos, pad_id)
+    spec = ShardSpec(Area(""), columns, None, seq_len, DTYPE.str, bos, eos, pad_id)
     assert _planned_shards(columns, plans, arrays, keeps, spec) == local
     assert left == feed.left.get("tokens", feed.left.get("tokens_dropped"))
 
@@ -168,7 +169,7 @@ def test_planned_raw_shards_equal_the_raw_packer(units, seed, size_limit, dedup)
         encoded = np.diff(a["offsets0"]) + np.diff(a["offsets1"])
         sizes.append(sample_bytes(encoded if keep is None else encoded[keep], 2))
     plans = plan_raw_shards(sizes, size_limit)
-    spec = ShardSpec("", columns, None, 0, None, None, None, None)
+    spec = ShardSpec(Area(""), columns, None, 0, None, None, None, None)
     assert _planned_shards(columns, plans, arrays, keeps, spec) == local
 
 
