@@ -15,7 +15,6 @@ and writes index.json last.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -28,11 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from streamshards.columns import parse_column_type
 from streamshards.convert.area import Area
-from streamshards.convert.engine import Engine, RetryableTaskError, Task, open_engine
+from streamshards.convert.engine import Engine, Task, open_engine
 from streamshards.convert.errors import ConvertError
-from streamshards.convert.inputs import FileReport, InputFile, find_inputs, format_of, read_units
+from streamshards.convert.inputs import FileReport, InputFile, find_any_inputs
 from streamshards.convert.options import Progress
 from streamshards.convert.pack import Deduper
 from streamshards.convert.plan import (
@@ -40,16 +38,24 @@ from streamshards.convert.plan import (
     plan_raw_shards,
     plan_token_shards,
     rows_per_shard,
-    sample_bytes,
     stream_length,
-    token_rows,
-    token_stream,
 )
 from streamshards.convert.run import SHARD_FILE, UNREADABLE_FILE, ConvertJob
-from streamshards.convert.spill import JOB_NAME, WORK_NAME, read_spill
+from streamshards.convert.spill import JOB_NAME, WORK_NAME
+from streamshards.convert.tasks import (
+    FAIL_ONCE_ENV,
+    FAULT_DIR_ENV,
+    STALL_ONCE_ENV,
+    ReadSpec,
+    ShardSpec,
+    byte_ranges,
+    join_ranges,
+    read_file_task,
+    read_result,
+    write_shard_task,
+)
 from streamshards.convert.tokenize import TokenizerInfo
-from streamshards.convert.worker import UnitProcessor, WorkerSetup
-from streamshards.format import shard_chunks, write_shard
+from streamshards.convert.worker import WorkerSetup
 from streamshards.index import (
     INDEX_NAME,
     Index,
@@ -60,312 +66,10 @@ from streamshards.index import (
     parse_index_bytes,
     write_index,
 )
-from streamshards.util import fsync_folder, is_remote, parse_size
+from streamshards.util import is_remote, parse_size
 from streamshards.writer import OutputError, output_error, parse_compression, prepare_output
 
-# Test hook: task name patterns (``read-000001``, ``shard-*``) that fail on their first
-# attempt, and ``PATTERN:SECONDS`` pairs that stall it (to kill a node or the driver then).
-# A marker file per task in FAULT_DIR (default: the work folder) remembers the first attempt.
-FAIL_ONCE_ENV = "STREAMSHARDS_CONVERT_FAIL_ONCE"
-STALL_ONCE_ENV = "STREAMSHARDS_CONVERT_STALL_ONCE"
-FAULT_DIR_ENV = "STREAMSHARDS_CONVERT_FAULT_DIR"
 WORK_FOLDERS = ("units", "files", "shards")
-MAX_RANGES = 32
-RANGE_UNITS = 8
-
-
-@dataclass(frozen=True)
-class ReadSpec:
-    """What a file task needs besides the file: how to cut it and what to return per unit."""
-
-    unit_bytes: int
-    txt_per_line: bool
-    on_error: str
-    setup: WorkerSetup
-    work: Area  # the work folder (spills in units/, results in files/)
-    num_columns: int  # raw mode: text plus kept fields
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """What a shard task needs besides its plan: the columns, the packing and OUT."""
-
-    out: Area
-    columns: dict[str, str]
-    level: int | None
-    seq_len: int
-    dtype: str | None  # token dtype; None in raw mode
-    bos: int | None
-    eos: int | None
-    pad_id: int | None
-    work: Area | None = None
-
-
-def _first_attempt(marker: str | None, stall: float) -> None:
-    """The test hook: on a task's first attempt, stall and/or fail (a marker file remembers)."""
-    if marker is None or os.path.exists(marker):
-        return
-    Path(marker).parent.mkdir(parents=True, exist_ok=True)
-    Path(marker).touch()
-    if stall:
-        time.sleep(stall)
-    else:
-        raise RetryableTaskError(f"injected failure ({FAIL_ONCE_ENV})")
-
-
-_processors: dict[WorkerSetup, UnitProcessor] = {}
-
-
-def read_file_task(
-    source: InputFile,
-    number: int,
-    spec: ReadSpec,
-    result_name: str,
-    hook: tuple,
-    byte_range: tuple[int, int | None] = (0, None),
-) -> dict:
-    """Phase 1: cut one file into units, write missing spills, return per-unit counts.
-
-    With a byte range, only the units starting inside it are processed; the file is still
-    cut from its start (finding newlines costs little next to tokenizing), so units are the
-    same as a local run's, and the last range reads on to the end to hash the whole file.
-    """
-    _first_attempt(*hook)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one task is one core
-    processor = _processors.get(spec.setup)
-    if processor is None:
-        processor = _processors[spec.setup] = UnitProcessor(spec.setup)
-    report = FileReport(source.size)
-    units, arrays, reused = [], {}, 0
-    fetched = _fetch_input(source) if is_remote(source.path) else None
-    reading = source if fetched is None else replace(source, path=fetched)
-    try:
-        for unit in read_units(reading, number, spec.unit_bytes, spec.txt_per_line, report):
-            unit_start = unit.end_offset - len(unit.payload)
-            if byte_range[1] is not None and unit_start >= byte_range[1]:
-                break
-            if unit_start < byte_range[0]:
-                continue
-            if unit.read_error and spec.on_error == "fail":
-                error = unit.read_error.replace(reading.path, source.path)
-                return {"error": f"{error} (use --on-error skip to keep what was readable)"}
-            spill = f"units/{unit.name}.npz"
-            if spec.work.size(spill) >= 0:
-                reused += 1
-                with spec.work.fetched(spill) as path:
-                    stats, counts, hashes = _spill_counts(path, spec.num_columns)
-            else:
-                path = spec.work.local_path(spill) or _temporary(unit.name)
-                processor.process(source.kind, unit.payload, source.path, unit.first_line, path)
-                stats, counts, hashes = _spill_counts(path, spec.num_columns)
-                if spec.work.remote:
-                    spec.work.upload(path, spill)
-            k = len(units)
-            arrays[f"counts{k}"] = counts
-            if hashes is not None:
-                arrays[f"hashes{k}"] = hashes
-            units.append({"name": unit.name, "end_offset": unit.end_offset, "stats": stats})
-    except ConvertError as err:
-        return {"error": str(err).replace(reading.path, source.path)}
-    finally:
-        if fetched is not None:
-            os.unlink(fetched)
-    if report.read_error:
-        report.read_error = report.read_error.replace(reading.path, source.path)
-    meta = {
-        "report": {
-            "xxh3_64": report.xxh3_64,
-            "read_error": report.read_error,
-            "units": report.units,
-            "trusted_bytes": report.trusted_bytes,
-        },
-        "units": units,
-        "reused": reused,
-    }
-    _write_result(spec.work, result_name, meta, arrays)
-    return {"meta": meta, "arrays": arrays}
-
-
-def _temporary(name: str) -> Path:
-    """A local file name for output on its way to a remote area."""
-    return Path(tempfile.gettempdir()) / f"streamshards-{os.getpid()}-{name}.npz"
-
-
-def _join_ranges(parts: list[dict]) -> dict:
-    """One file's result from the results of its byte-range tasks, in range order."""
-    units, arrays = [], {}
-    for part in parts:
-        for k, unit in enumerate(part["meta"]["units"]):
-            for key in ("counts", "hashes"):
-                if f"{key}{k}" in part["arrays"]:
-                    arrays[f"{key}{len(units)}"] = part["arrays"][f"{key}{k}"]
-            units.append(unit)
-    reused = sum(part["meta"]["reused"] for part in parts)
-    meta = {"report": parts[-1]["meta"]["report"], "units": units, "reused": reused}
-    return {"meta": meta, "arrays": arrays}
-
-
-def byte_ranges(source: InputFile, unit_bytes: int, txt_per_line: bool) -> list[tuple]:
-    """Newline-aligned ranges for a large uncompressed line file (else the whole file).
-
-    At most MAX_RANGES ranges of at least RANGE_UNITS units each; every range task cuts the
-    file from its start, so more ranges would cost more reading than they save.
-    """
-    lines = source.kind == "jsonl" or (source.kind == "txt" and txt_per_line)
-    count = min(MAX_RANGES, source.size // (RANGE_UNITS * unit_bytes))
-    if not lines or source.codec is not None or is_remote(source.path) or count < 2:
-        return [(0, None)]
-    step = -(-source.size // count)
-    return [(r * step, (r + 1) * step if r < count - 1 else None) for r in range(count)]
-
-
-def find_any_inputs(specs: list[str]) -> list[InputFile]:
-    """Like ``inputs.find_inputs``, and also ``s3://``/``gs://`` objects, prefixes and globs
-    (a prefix is listed one level deep; matches are taken in name order)."""
-    if not any(is_remote(spec) for spec in specs):
-        return find_inputs(specs)
-    found: list[InputFile] = []
-    for spec in specs:
-        found.extend(_remote_inputs(spec) if is_remote(spec) else find_inputs([spec]))
-    seen: set[str] = set()
-    unique = []
-    for source in found:
-        key = source.path if is_remote(source.path) else os.path.realpath(source.path)
-        if key not in seen:
-            seen.add(key)
-            unique.append(source)
-    return unique
-
-
-def _remote_inputs(spec: str) -> list[InputFile]:
-    from streamshards.storage import StorageError, open_storage
-
-    parent, _, last = spec.rstrip("/").rpartition("/")
-    try:
-        if any(ch in last for ch in "*?["):
-            objects = [o for o in open_storage(parent).list() if fnmatch(o.name, last)]
-            root = parent
-        elif format_of(last) and not spec.endswith("/"):
-            objects, root = [open_storage(parent).stat(last)], parent
-        else:
-            objects, root = open_storage(spec.rstrip("/")).list(), spec.rstrip("/")
-    except StorageError as err:
-        raise ConvertError(f"input {spec}: {err}") from None
-    except ValueError as err:
-        raise ConvertError(f"input {spec}: {err}") from None
-    inputs = []
-    for info in objects:
-        kind_codec = format_of(info.name)
-        if kind_codec:
-            inputs.append(InputFile(f"{root}/{info.name}", *kind_codec, info.size))
-    if not inputs:
-        raise ConvertError(f"input {spec!r} matches no supported file")
-    return inputs
-
-
-def _fetch_input(source: InputFile) -> str:
-    """A worker reads its own input: a remote object is downloaded to a local temporary file."""
-    from streamshards.storage import open_storage
-
-    parent, _, name = source.path.rpartition("/")
-    handle, path = tempfile.mkstemp(prefix="streamshards-input-", suffix=f"-{name}")
-    os.close(handle)
-    try:
-        open_storage(parent).get(name, path, expected_size=source.size)
-    except BaseException:
-        os.unlink(path)
-        raise
-    return path
-
-
-def _spill_counts(spill: Path, num_columns: int) -> tuple[dict, np.ndarray, np.ndarray | None]:
-    """(stats, per-document token lengths or sample sizes, dedup keys) of one spill file."""
-    stats, arrays = read_spill(spill)
-    if "lengths" in arrays:
-        counts = arrays["lengths"].astype(np.int64)
-    else:
-        sizes = sum(np.diff(arrays[f"offsets{k}"]) for k in range(num_columns))
-        counts = sample_bytes(np.asarray(sizes, dtype=np.int64), num_columns)
-    return stats, counts, arrays.get("hashes")
-
-
-def _write_result(area: Area, name: str, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-    """A finished task's result, atomically: it marks the task done for a re-run."""
-    payload = {"meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
-    payload.update(arrays)
-    buffer = io.BytesIO()
-    np.savez(buffer, **payload)
-    area.write(name, buffer.getvalue())
-
-
-def _read_result(area: Area, name: str) -> dict | None:
-    """A finished task's result, or None when it has not finished."""
-    data = area.read(name)
-    if data is None:
-        return None
-    with np.load(io.BytesIO(data), allow_pickle=False) as loaded:
-        arrays = {key: loaded[key] for key in loaded.files}
-    meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
-    return {"meta": meta, "arrays": arrays}
-
-
-def write_shard_task(
-    name: str,
-    plan: ShardPlan,
-    spills: list[tuple[str, np.ndarray | None]],
-    spec: ShardSpec,
-    result_name: str,
-    hook: tuple,
-) -> dict:
-    """Phase 3: build one planned shard from the spills it overlaps and write it into OUT."""
-    _first_attempt(*hook)
-    units = []
-    for spill, keep in spills:
-        with spec.work.fetched(spill) as path:
-            units.append((read_spill(path)[1], keep))
-    values = shard_values(plan, units, spec)
-    types = [parse_column_type(t, c) for c, t in spec.columns.items()]
-    chunks = [b"".join(shard_chunks(list(zip(types, values)), plan.samples))]
-    out = spec.out.local_path("")
-    tmp = _temporary(name) if out is None else out / f".{name}.{os.getpid()}.tmp"
-    try:
-        raw_bytes, stored_bytes, digest = write_shard(tmp, chunks, spec.level)
-        if out is None:
-            spec.out.upload(tmp, name)
-        else:
-            os.replace(tmp, out / name)
-            fsync_folder(out)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise output_error(spec.out.root, err) from None
-    compression = "zstd" if spec.level is not None else None
-    info = ShardInfo(name, plan.samples, raw_bytes, stored_bytes, digest, compression)
-    spec.work.write(result_name, json.dumps(info.to_dict()).encode("utf-8"))
-    return info.to_dict()
-
-
-def shard_values(
-    plan: ShardPlan, units: list[tuple[dict[str, np.ndarray], np.ndarray | None]], spec: ShardSpec
-) -> list[list[bytes]]:
-    """Per column, the encoded values of one planned shard (``units``: the spill arrays and
-    keep mask of each of ``plan.pieces``' units)."""
-    if spec.dtype is not None:
-        dtype = np.dtype(spec.dtype)
-        parts = []
-        for piece, (arrays, keep) in zip(plan.pieces, units):
-            lengths, tokens = arrays["lengths"], arrays["tokens"]
-            stream = token_stream(lengths, tokens, keep, spec.bos, spec.eos, dtype)
-            parts.append(stream[piece.start : piece.stop])
-        stream = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
-        return [token_rows(stream, spec.seq_len, plan.pad, spec.pad_id)]
-    values: list[list[bytes]] = [[] for _ in spec.columns]
-    for piece, (arrays, keep) in zip(plan.pieces, units):
-        for k, column in enumerate(values):
-            offsets = arrays[f"offsets{k}"]
-            data = arrays[f"data{k}"].tobytes()
-            kept = np.arange(len(offsets) - 1) if keep is None else np.flatnonzero(keep)
-            column.extend(data[offsets[i] : offsets[i + 1]] for i in kept[piece.start : piece.stop])
-    return values
 
 
 @dataclass
@@ -502,7 +206,7 @@ class DistributedJob(ConvertJob):
             for r, byte_range in enumerate(ranges[number]):
                 part = f"{number:06d}" + (f"-{r:03d}" if len(ranges[number]) > 1 else "")
                 result_name = f"files/{part}.npz"
-                found = _read_result(self.work_area, result_name)
+                found = read_result(self.work_area, result_name)
                 if found is not None:
                     found["meta"]["reused"] = len(found["meta"]["units"])
                     parts[number, r] = found
@@ -525,7 +229,7 @@ class DistributedJob(ConvertJob):
                 tokens += unit["stats"]["tokens"]
             self._report(bytes_done, documents, tokens)
         return [
-            _join_ranges([parts[number, r] for r in range(len(ranges[number]))])
+            join_ranges([parts[number, r] for r in range(len(ranges[number]))])
             for number in range(len(self.inputs))
         ]
 

@@ -12,9 +12,11 @@ import glob
 import gzip
 import json
 import os
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import xxhash
 
 from streamshards.convert.errors import ConvertError
+from streamshards.util import is_remote
 
 if TYPE_CHECKING:
     from streamshards.convert.documents import DocumentRules
@@ -557,3 +560,62 @@ def _parquet_units(
     except (OSError, ValueError) as err:
         raise ConvertError(f"{source.path}: unreadable Parquet file: {err}") from None
     report.units = number
+
+
+def find_any_inputs(specs: list[str]) -> list[InputFile]:
+    """Like ``inputs.find_inputs``, and also ``s3://``/``gs://`` objects, prefixes and globs
+    (a prefix is listed one level deep; matches are taken in name order)."""
+    if not any(is_remote(spec) for spec in specs):
+        return find_inputs(specs)
+    found: list[InputFile] = []
+    for spec in specs:
+        found.extend(_remote_inputs(spec) if is_remote(spec) else find_inputs([spec]))
+    seen: set[str] = set()
+    unique = []
+    for source in found:
+        key = source.path if is_remote(source.path) else os.path.realpath(source.path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(source)
+    return unique
+
+
+def _remote_inputs(spec: str) -> list[InputFile]:
+    from streamshards.storage import StorageError, open_storage
+
+    parent, _, last = spec.rstrip("/").rpartition("/")
+    try:
+        if any(ch in last for ch in "*?["):
+            objects = [o for o in open_storage(parent).list() if fnmatch(o.name, last)]
+            root = parent
+        elif format_of(last) and not spec.endswith("/"):
+            objects, root = [open_storage(parent).stat(last)], parent
+        else:
+            objects, root = open_storage(spec.rstrip("/")).list(), spec.rstrip("/")
+    except StorageError as err:
+        raise ConvertError(f"input {spec}: {err}") from None
+    except ValueError as err:
+        raise ConvertError(f"input {spec}: {err}") from None
+    inputs = []
+    for info in objects:
+        kind_codec = format_of(info.name)
+        if kind_codec:
+            inputs.append(InputFile(f"{root}/{info.name}", *kind_codec, info.size))
+    if not inputs:
+        raise ConvertError(f"input {spec!r} matches no supported file")
+    return inputs
+
+
+def fetch_input(source: InputFile) -> str:
+    """A worker reads its own input: a remote object is downloaded to a local temporary file."""
+    from streamshards.storage import open_storage
+
+    parent, _, name = source.path.rpartition("/")
+    handle, path = tempfile.mkstemp(prefix="streamshards-input-", suffix=f"-{name}")
+    os.close(handle)
+    try:
+        open_storage(parent).get(name, path, expected_size=source.size)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path

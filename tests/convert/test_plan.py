@@ -20,13 +20,7 @@ from hypothesis import strategies as st
 from streamshards.columns import parse_column_type
 from streamshards.convert import ConvertOptions, convert
 from streamshards.convert.area import Area
-from streamshards.convert.distributed import (
-    FAIL_ONCE_ENV,
-    DistributedJob,
-    ShardSpec,
-    byte_ranges,
-    shard_values,
-)
+from streamshards.convert.distributed import DistributedJob
 from streamshards.convert.engine import LocalEngine
 from streamshards.convert.inputs import find_inputs
 from streamshards.convert.pack import Deduper, RawPacker, TokenPacker
@@ -37,6 +31,7 @@ from streamshards.convert.plan import (
     sample_bytes,
     stream_length,
 )
+from streamshards.convert.tasks import FAIL_ONCE_ENV, ShardSpec, byte_ranges, shard_values
 from streamshards.format import shard_chunks
 from streamshards.writer import ShardWriter
 
