@@ -4,6 +4,7 @@ dataset, a read-only checkpoint folder or a hung all-reduce fails naming the ran
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -14,9 +15,17 @@ from pathlib import Path
 
 import boto3
 import pytest
+import torch.distributed as dist
 from trainer_helpers import BASE_OVERRIDES, command, kill_all, start
 
-from trainer.doctor import CHECKS, CONFIG_ERROR, EXIT_CODE, INJECT_ENV
+from trainer.doctor import (
+    CHECKS,
+    CLOCK_TOLERANCE_S,
+    CONFIG_ERROR,
+    EXIT_CODE,
+    INJECT_ENV,
+    report,
+)
 
 # watchdog_timeout, the doctor's limit for each collective: generous for healthy ranks on a
 # busy machine, short where a test waits for it to pass.
@@ -198,3 +207,47 @@ def test_the_trainer_runs_the_doctor_first_unless_doctor_false(
     code, output = run(cmd, tmp_path / "b.log")
     assert code == 0 and "step      1 |" in output, output
     assert "rank  host" not in output and "all checks passed" not in output
+
+
+def reports(store: dist.Store, failing: dict[str, set[int]], world_size: int = 2) -> None:
+    """What ``world_size`` ranks write to the store, with ``failing[check]`` ranks failing."""
+    for rank in range(world_size):
+        local = {
+            name: {"status": "FAIL" if rank in failing.get(name, ()) else "ok", "detail": "x"}
+            for name in ("dataset", "checkpoint", "gpu-memory")
+        }
+        store.set(f"local/{rank}", json.dumps({**local, "host": "n", "versions": {"torch": "2"}}))
+        status = "FAIL" if rank in failing.get("all-reduce", ()) else "ok"
+        store.set(f"all-reduce/{rank}", json.dumps({"status": status, "detail": "x"}))
+        store.set(f"clock/{rank}", "1000.0")
+
+
+@pytest.mark.parametrize(
+    ("failing", "code"),
+    [
+        ({}, 0),
+        ({"dataset": {1}}, EXIT_CODE),  # one node's mount
+        ({"dataset": {0, 1}}, CONFIG_ERROR),  # the config's path, wherever it runs
+        ({"checkpoint": {0, 1}, "gpu-memory": {0, 1}}, CONFIG_ERROR),
+        ({"checkpoint": {0, 1}, "dataset": {1}}, EXIT_CODE),  # and a node as well
+        ({"all-reduce": {0, 1}}, EXIT_CODE),  # the network, not the config
+    ],
+)
+def test_the_exit_code_tells_a_config_error_from_a_bad_node(
+    failing: dict[str, set[int]], code: int, capsys: pytest.CaptureFixture
+) -> None:
+    store = dist.HashStore()
+    reports(store, failing)
+    assert report(store, world_size=2, limit=0.1) == code
+    verdict = capsys.readouterr().out.splitlines()[-1]
+    for name, ranks in failing.items():
+        assert f"{name} on rank{'s' if len(ranks) > 1 else ''} " in verdict
+
+
+def test_a_clock_past_the_tolerance_fails_that_rank() -> None:
+    store = dist.HashStore()
+    reports(store, {}, world_size=3)
+    store.set("clock/2", repr(1000.0 - 3 * CLOCK_TOLERANCE_S))
+    assert report(store, world_size=3, limit=0.1) == EXIT_CODE
+    store.set("clock/2", repr(1000.0 + CLOCK_TOLERANCE_S / 2))
+    assert report(store, world_size=3, limit=0.1) == 0
