@@ -40,6 +40,8 @@ class _ProgressBar:
         postfix = {"docs/s": f"{progress.documents / elapsed:,.0f}"}
         if progress.tokens:
             postfix["tokens/s"] = f"{progress.tokens / elapsed:,.0f}"
+        if progress.tasks_total:
+            postfix["tasks"] = f"{progress.tasks_done}/{progress.tasks_total}"
         self.bar.set_postfix(postfix, refresh=False)
 
     def close(self) -> None:
@@ -71,6 +73,10 @@ def summary_lines(result: ConvertResult, tokenized: bool) -> list[str]:
         ),
         ("units", f"{result.units:,} ({result.units_reused:,} reused from an interrupted run)"),
     ]
+    if result.engine != "local":
+        rows.append(
+            ("tasks", f"{result.tasks:,} on {result.engine} ({result.tasks_retried:,} retried)")
+        )
     dropped = ", ".join(f"{k} {v:,}" for k, v in result.dropped.items()) or "none"
     bad = ", ".join(f"{k} {v:,}" for k, v in result.bad_records.items()) or "none"
     rows += [("dropped", dropped), ("bad records", bad)]

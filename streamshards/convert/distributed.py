@@ -46,6 +46,7 @@ from streamshards.convert.tasks import (
     FAIL_ONCE_ENV,
     FAULT_DIR_ENV,
     STALL_ONCE_ENV,
+    Attempt,
     ReadSpec,
     ShardSpec,
     byte_ranges,
@@ -69,7 +70,7 @@ from streamshards.index import (
 from streamshards.util import is_remote, parse_size
 from streamshards.writer import OutputError, output_error, parse_compression, prepare_output
 
-WORK_FOLDERS = ("units", "files", "shards")
+WORK_FOLDERS = ("units", "files", "shards", "attempts")
 
 
 @dataclass
@@ -149,6 +150,8 @@ class DistributedJob(ConvertJob):
             prepare_output(self.out)
         self._open_work()
         engine = self._engine or open_engine(self.options.engine, self.options.workers)
+        self.tasks_done = self.tasks_total = 0
+        self.result.engine = self.options.engine
         try:
             engine.check_versions(_versions())
             files = self._read_files(engine)
@@ -172,21 +175,29 @@ class DistributedJob(ConvertJob):
             if SHARD_FILE.match(name) and name not in keep:
                 self.out_area.delete(name)
 
-    def _hook(self, name: str) -> tuple[str | None, float]:
-        """The test hook's marker and stall for task ``name`` (None: no fault injected)."""
+    def _attempt(self, name: str) -> Attempt:
+        """Task ``name`` with the test hook's marker and stall for it, if any."""
         fail = [p for p in os.environ.get(FAIL_ONCE_ENV, "").split(",") if p]
         stalls = [p.rsplit(":", 1) for p in os.environ.get(STALL_ONCE_ENV, "").split(",") if p]
         stall = next((float(s) for p, s in stalls if fnmatch(name, p)), 0.0)
         if not stall and not any(fnmatch(name, p) for p in fail):
-            return None, 0.0
+            return Attempt(name)
         folder = os.environ.get(FAULT_DIR_ENV) or os.path.join(
             tempfile.gettempdir(), f"streamshards-faults-{self.job_id}"
         )
-        return os.path.join(folder, name), stall
+        return Attempt(name, os.path.join(folder, name), stall)
 
     def _report(self, bytes_done: int, documents: int, tokens: int) -> None:
         total = sum(f.size for f in self.inputs)
-        self.report_progress(Progress(bytes_done, total, documents, tokens))
+        self.report_progress(
+            Progress(bytes_done, total, documents, tokens, self.tasks_done, self.tasks_total)
+        )
+
+    def _count_tasks(self) -> None:
+        """Tasks run and attempts retried (each attempt leaves a marker in the work area)."""
+        attempts = self.work_area.sub("attempts").names()
+        self.result.tasks = self.tasks_done
+        self.result.tasks_retried = len(attempts) - len({a.rsplit(".", 1)[0] for a in attempts})
 
     def _read_files(self, engine: Engine) -> list[dict]:
         """Phase 1: every file's result, from an earlier run's result file or a new task."""
@@ -215,10 +226,13 @@ class DistributedJob(ConvertJob):
                 absolute = source
                 if not is_remote(source.path):
                     absolute = replace(source, path=os.path.abspath(source.path))
-                args = (absolute, number, spec, result_name, self._hook(name), byte_range)
+                args = (absolute, number, spec, result_name, self._attempt(name), byte_range)
                 tasks.append(Task(name, read_file_task, args))
-        bytes_done = documents = tokens = 0
+        bytes_done = sum(self.inputs[n].size // len(ranges[n]) for n, _ in parts)
+        documents = tokens = 0
+        self.tasks_total += len(tasks)
         for name, result in engine.run(tasks):
+            self.tasks_done += 1
             if "error" in result:
                 raise ConvertError(result["error"])
             _, number, *r = name.split("-")
@@ -346,11 +360,15 @@ class DistributedJob(ConvertJob):
                 Task(
                     task_name,
                     write_shard_task,
-                    (name, plan, spills, spec, result_name, self._hook(task_name)),
+                    (name, plan, spills, spec, result_name, self._attempt(task_name)),
                 )
             )
+        self.tasks_total += len(tasks)
+        bytes_in = sum(f.size for f in self.inputs)
         for name, info in engine.run(tasks):
             infos[int(name.split("-")[1])] = info
+            self.tasks_done += 1
+            self._report(bytes_in, self.result.documents_written, self.packer.document_tokens)
         shards = []
         for number in range(len(plans)):
             info = infos[number]
@@ -391,6 +409,7 @@ class DistributedJob(ConvertJob):
             except OSError as err:
                 raise output_error(self.out, err) from None
         self._remove_stale(keep={s.file for s in shards})
+        self._count_tasks()
         self.work_area.remove_all(WORK_FOLDERS)
         if self.tokenizer:
             result.tokens = self.packer.document_tokens

@@ -43,6 +43,8 @@ class Progress:
     bytes_total: int
     documents: int
     tokens: int
+    tasks_done: int = 0  # engine runs: tasks finished of those known so far
+    tasks_total: int = 0
 
 
 @dataclass
@@ -64,6 +66,9 @@ class ConvertResult:
     dropped: dict = field(default_factory=dict)
     bad_records: dict = field(default_factory=dict)
     already_done: bool = False
+    engine: str = "local"
+    tasks: int = 0  # engine runs: tasks run, and attempts that were retries
+    tasks_retried: int = 0
 
 
 def parse_keep_fields(specs: Sequence[str], text_field: str) -> tuple[tuple[str, str], ...]:

@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -76,6 +77,21 @@ class ShardSpec:
     work: Area | None = None
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """A task's name, and the test hook's marker file and stall for it (None: no fault)."""
+
+    name: str
+    marker: str | None = None
+    stall: float = 0.0
+
+
+def _begin(attempt: Attempt, work: Area) -> None:
+    """Count this attempt in the work area (for the retry count), then run the test hook."""
+    work.write(f"attempts/{attempt.name}.{uuid.uuid4().hex[:12]}", b"")
+    _first_attempt(attempt.marker, attempt.stall)
+
+
 def _first_attempt(marker: str | None, stall: float) -> None:
     """The test hook: on a task's first attempt, stall and/or fail (a marker file remembers)."""
     if marker is None or os.path.exists(marker):
@@ -96,7 +112,7 @@ def read_file_task(
     number: int,
     spec: ReadSpec,
     result_name: str,
-    hook: tuple,
+    attempt: Attempt,
     byte_range: tuple[int, int | None] = (0, None),
 ) -> dict:
     """Phase 1: cut one file into units, write missing spills, return per-unit counts.
@@ -105,7 +121,7 @@ def read_file_task(
     cut from its start (finding newlines costs little next to tokenizing), so units are the
     same as a local run's, and the last range reads on to the end to hash the whole file.
     """
-    _first_attempt(*hook)
+    _begin(attempt, spec.work)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one task is one core
     processor = _processors.get(spec.setup)
     if processor is None:
@@ -231,10 +247,10 @@ def write_shard_task(
     spills: list[tuple[str, np.ndarray | None]],
     spec: ShardSpec,
     result_name: str,
-    hook: tuple,
+    attempt: Attempt,
 ) -> dict:
     """Phase 3: build one planned shard from the spills it overlaps and write it into OUT."""
-    _first_attempt(*hook)
+    _begin(attempt, spec.work)
     units = []
     for spill, keep in spills:
         with spec.work.fetched(spill) as path:

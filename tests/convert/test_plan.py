@@ -192,7 +192,7 @@ def test_the_engine_job_on_local_processes_writes_the_bytes_of_a_local_run(tmp_p
             job.run()
         finally:
             engine.close()
-        assert engine.counts.retried == 2
+        assert engine.counts.retried == 2 and job.result.tasks_retried == 2
         local = dataset_files(tmp_path / "local")
         assert len(local) > 3 and dataset_files(tmp_path / "engine") == local
         shutil.rmtree(tmp_path / "local")

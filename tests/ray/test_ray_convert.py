@@ -262,7 +262,8 @@ def test_a_task_failing_on_its_first_attempt_is_retried_to_the_same_bytes(
         "STREAMSHARDS_CONVERT_FAULT_DIR": str(faults),
     }
     options = [*TOKENIZED, "--unit-size", "32KB"]
-    _same_as_local(cluster, corpus, tmp_path, options, env)
+    output = _same_as_local(cluster, corpus, tmp_path, options, env)
+    assert "on ray (2 retried)" in output
     assert sorted(p.name for p in faults.iterdir()) == ["read-000001", "shard-000002"]
 
 
@@ -334,6 +335,7 @@ def test_a_worker_node_lost_mid_job_still_gives_the_same_bytes(cluster, corpus, 
             os.kill(each, signal.SIGKILL)
     out, err = driver.communicate()
     assert driver.returncode == 0, out + err
+    assert "(0 retried)" not in out  # the lost node's tasks ran again
     assert dataset_files(tmp_path / "ray") == dataset_files(tmp_path / "local")
 
 
