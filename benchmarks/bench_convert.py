@@ -6,6 +6,11 @@ for tokenized mode; the target is >= 70 % of it per worker). On a shared, busy m
 "per CPU-s" column gives the same ratio measured in CPU time, free of other processes' load.
 
     python benchmarks/bench_convert.py --size 20MB [--tokenizer gpt2|PATH] [--plot out.png]
+
+With ``--engine ray`` (needs streamshards[ray] and root, for a private network namespace) it
+also converts tokenized on a real Ray cluster of 1 node x 1 CPU and 2 nodes x 1 CPU on this
+machine, and prints the tokens/s per CPU as a share of the tokenizer alone, the driver's CPU
+share, and the time from the last task to the published index.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import gzip
 import json
 import os
 import resource
+import shlex
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,6 +110,95 @@ def run_convert(
     return time.perf_counter() - start, cpu_seconds() - cpu
 
 
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def _ray_node(temp: str, head: bool, ports: int = 20100) -> subprocess.Popen:
+    """One ``ray start --block`` node of one CPU (inside this process's network namespace)."""
+    args = ["--num-cpus=1", f"--temp-dir={temp}", "--object-store-memory=100000000"]
+    if head:
+        args += ["--head", "--port=6379", "--include-dashboard=false", "--no-monitor"]
+        args += ["--min-worker-port=20000", "--max-worker-port=20099"]
+    else:
+        args += ["--address=127.0.0.1:6379", "--include-log-monitor=false"]
+        args += [f"--object-manager-port={ports + 100}", f"--node-manager-port={ports + 101}"]
+        args += [f"--min-worker-port={ports}", f"--max-worker-port={ports + 99}"]
+        args += [f"--dashboard-agent-listen-port={ports + 102}"]
+        args += [f"--dashboard-agent-grpc-port={ports + 103}"]
+        args += [f"--runtime-env-agent-port={ports + 104}", f"--metrics-export-port={ports + 105}"]
+    ray = Path(sys.executable).parent / "ray"
+    return subprocess.Popen(
+        [str(ray), "start", "--block", *args],
+        env={**os.environ, **RAY_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _stop(nodes: list[subprocess.Popen]) -> None:
+    """End each node's process group (every node was started in its own session)."""
+    for node in nodes:
+        try:
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        node.wait()
+
+
+def _wait_for_nodes(count: int) -> None:
+    import ray
+
+    ray.init(address="127.0.0.1:6379", log_to_driver=False)
+    deadline = time.time() + 60
+    while sum(n["Alive"] for n in ray.nodes()) != count:
+        if time.time() > deadline:
+            raise SystemExit(f"the Ray cluster did not reach {count} nodes")
+        time.sleep(0.2)
+    ray.shutdown()
+
+
+def ray_rows(paths: list[Path], tmp: Path, tok: Path, unit_size: str, tokens: int) -> list:
+    """Tokenized convert on 1 node x 1 CPU, then 2 nodes x 1 CPU: (nodes, seconds, driver
+    CPU s, last task to index s)."""
+    os.environ.update(RAY_ENV, RAY_ADDRESS="127.0.0.1:6379")
+    temp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # socket paths must stay short
+    nodes = [_ray_node(temp, head=True)]
+    rows = []
+    try:
+        time.sleep(2)
+        for count in (1, 2):
+            if count == 2:
+                nodes.append(_ray_node(temp, head=False))
+            _wait_for_nodes(count)
+            out = tmp / f"ray{count}"
+            options = ConvertOptions(
+                inputs=[str(p) for p in paths],
+                out=str(out),
+                seq_len=2048,
+                tokenizer=str(tok),
+                unit_size=unit_size,
+                engine="ray",
+            )
+            start, cpu = time.perf_counter(), cpu_seconds()
+            result = convert(options)
+            rows.append((count, time.perf_counter() - start, cpu_seconds() - cpu, result))
+            shutil.rmtree(out)
+    finally:
+        _stop(nodes)
+        shutil.rmtree(temp, ignore_errors=True)
+    return rows
+
+
+def in_private_network() -> None:
+    """Re-run this command in a private network namespace (Ray stays on its own loopback)."""
+    if os.environ.get("BENCH_CONVERT_NETNS"):
+        return
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    os.environ["BENCH_CONVERT_NETNS"] = "1"
+    os.execvp("unshare", ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {command}"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="20MB", help="Uncompressed corpus size.")
@@ -112,7 +209,12 @@ def main() -> None:
         "--unit-size", default="512KB", help="Work unit (small corpora need small units to spread)."
     )
     parser.add_argument("--plot", help="Write a bar chart of MB/s to this PNG.")
+    parser.add_argument(
+        "--engine", choices=["local", "ray"], default="local", help="ray: add Ray cluster rows."
+    )
     args = parser.parse_args()
+    if args.engine == "ray":
+        in_private_network()
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
         tmp = Path(tmp)
         paths = write_corpus(tmp / "corpus", parse_size(args.size), args.files)
@@ -135,6 +237,7 @@ def main() -> None:
             rows.append(("convert raw", workers, seconds, cpu, None))
             seconds, cpu = run_convert(paths, tmp / "tok", workers, tok, args.unit_size)
             rows.append(("convert tokenized", workers, seconds, cpu, tokens / seconds))
+        ray = ray_rows(paths, tmp, tok, args.unit_size, tokens) if args.engine == "ray" else []
     print(
         f"corpus: {len(texts):,} documents, {gz_bytes / 1e6:.1f} MB gzip'd, "
         f"{text_bytes / 1e6:.1f} MB of text, {tokens:,} tokens ({tok.name}); "
@@ -151,6 +254,17 @@ def main() -> None:
             # Throughput per worker, and per CPU-second, as a share of the tokenizer's own.
             line += f" {token_rate / workers / rows[1][4]:>10.0%}"
             line += f" {(tokens / cpu) / (tokens / tok_cpu):>10.0%}"
+        print(line)
+    if ray:
+        print(
+            f"\n{'--engine ray, tokenized':<28} {'CPUs':>4} {'seconds':>8} {'tokens/s':>10} "
+            f"{'per CPU / tokenizer':>19} {'driver CPU':>10} {'last task to index':>18}"
+        )
+    for count, seconds, driver_cpu, result in ray:
+        rate = tokens / seconds
+        line = f"{f'{count} node(s) x 1 CPU':<28} {count:>4} {seconds:>8.2f} {rate:>10,.0f}"
+        line += f" {rate / count / rows[1][4]:>19.0%} {driver_cpu / seconds:>10.0%}"
+        line += f" {result.publish_seconds:>17.2f}s"
         print(line)
     if args.plot:
         import matplotlib

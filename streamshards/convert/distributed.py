@@ -160,10 +160,12 @@ class DistributedJob(ConvertJob):
                 self._finish_empty()
             self.out_area.delete(INDEX_NAME)
             infos = self._write_shards(engine, plans, units)
+            last_task = time.perf_counter()
+            self._publish(infos, start)
+            self.result.publish_seconds = time.perf_counter() - last_task
         finally:
             if self._engine is None:
                 engine.close()
-        self._publish(infos, start)
         return self.result
 
     def _remove_stale(self, keep: set[str]) -> None:

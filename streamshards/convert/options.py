@@ -69,6 +69,7 @@ class ConvertResult:
     engine: str = "local"
     tasks: int = 0  # engine runs: tasks run, and attempts that were retries
     tasks_retried: int = 0
+    publish_seconds: float = 0.0  # engine runs: from the last task's end to the index written
 
 
 def parse_keep_fields(specs: Sequence[str], text_field: str) -> tuple[tuple[str, str], ...]:
