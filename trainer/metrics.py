@@ -79,7 +79,8 @@ class MetricsLog:
     def step(self, record: dict[str, Any]) -> None:
         if self.file is None:
             return
-        self._write(record)
+        # The time orders lines of several machines' files (read_metrics of several run_dirs).
+        self._write({**record, "time": round(time.time(), 3)})
         if self.board is not None:
             self.board.step(record)
         print(console_line(record), flush=True)
@@ -165,20 +166,51 @@ def _num(x: float) -> str:
     return f"{x:.3f}" if math.isfinite(x) else str(x)
 
 
-def read_metrics(run_dir: str | os.PathLike) -> tuple[dict[int, dict], list[dict]]:
-    """(last record of each step, all events) from ``run_dir/metrics.jsonl``."""
+def read_metrics(*run_dirs: str | os.PathLike) -> tuple[dict[int, dict], list[dict]]:
+    """(last record of each step, all events) from ``run_dir/metrics.jsonl``.
+
+    With several run folders (one per machine: rank 0 writes to its own, and may move between
+    machines on a restart), their lines are merged by ``time``, so the latest line of a step
+    wins whichever machine wrote it; a folder without the file never held rank 0.
+    """
+    if not run_dirs:
+        raise TypeError("read_metrics needs at least one run folder")
+    paths = [Path(run_dir) / "metrics.jsonl" for run_dir in run_dirs]
+    if len(paths) == 1:
+        lines = _read_lines(paths[0])
+    else:
+        found = [path for path in paths if path.exists()]
+        if not found:
+            raise FileNotFoundError(f"no metrics.jsonl in {', '.join(map(str, run_dirs))}")
+        lines = sorted((line for path in found for line in _read_lines(path)), key=_time)
     steps: dict[int, dict] = {}
     events: list[dict] = []
-    with open(Path(run_dir) / "metrics.jsonl") as f:
+    for _, record in lines:
+        if "event" in record:
+            events.append(record)
+        else:
+            steps[record["step"]] = record
+    return dict(sorted(steps.items())), events
+
+
+def _read_lines(path: Path) -> list[tuple[str, dict]]:
+    """(where, record) of every complete line of ``path``; a last line without its newline
+    (being written, or torn by a killed process) is not a record yet."""
+    lines = []
+    with open(path) as f:
         for line_number, line in enumerate(f, 1):
-            if not line.strip():
+            if not line.strip() or not line.endswith("\n"):
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{f.name}:{line_number}: not JSON ({error})") from None
-            if "event" in record:
-                events.append(record)
-            else:
-                steps[record["step"]] = record
-    return dict(sorted(steps.items())), events
+                raise ValueError(f"{path}:{line_number}: not JSON ({error})") from None
+            lines.append((f"{path}:{line_number}", record))
+    return lines
+
+
+def _time(line: tuple[str, dict]) -> float:
+    where, record = line
+    if "time" not in record:
+        raise ValueError(f"{where}: no time, so it cannot be merged with other machines' lines")
+    return record["time"]

@@ -3,6 +3,7 @@ started later; the run continues on the world sizes it has and ends with the rig
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
+import boto3
 import pytest
 import torch.distributed as dist
 from trainer_helpers import (
@@ -225,3 +227,169 @@ def test_a_shared_torchrun_store_is_prefixed_by_attempt_and_warned_about_on_seve
 
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # trainer.launch
     assert _attempt_store(timedelta(seconds=10)) is None
+
+
+# The S3 server fixtures of tests/remote (s3_server, s3_bucket), shared rather than copied.
+_spec = importlib.util.spec_from_file_location(
+    "remote_conftest", Path(__file__).parents[1] / "remote" / "conftest.py"
+)
+_remote = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_remote)
+s3_server = _remote.s3_server
+s3_bucket = _remote.s3_bucket
+
+# Rendezvous ranks follow the agents' addresses in sorted order: a machine at 127.0.0.1 holds
+# rank 0 whenever it is in the world, so rank 0 moves when it is lost and when it is replaced.
+FIRST_ADDR, SECOND_ADDR = "127.0.0.2", "127.0.0.1"
+
+
+def machine_command(
+    data: Path, run_dir: Path, port: int, hosts_rendezvous: bool, addr: str, remote: str
+) -> list[str]:
+    """``node_command`` for a machine of its own: its address, its local ``run_dir``, and the
+    checkpoints in the bucket at ``remote``."""
+    command = node_command(data, run_dir, port, hosts_rendezvous)
+    command.insert(command.index("trainer.launch") + 1, f"--local-addr={addr}")
+    return [*command, f"checkpoint.remote={remote}"]
+
+
+def bucket_checkpoint(bucket: str, world_size: int, after_step: int = 0) -> int | None:
+    """The step of a complete checkpoint in the bucket saved by ``world_size`` ranks after
+    ``after_step`` (the newest first)."""
+    s3 = boto3.client("s3")
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="run/").get("Contents", [])
+    marked = [o["Key"] for o in listed if o["Key"].endswith(".COMPLETE")]
+    for key in sorted(marked, reverse=True):
+        step = int(key[len("run/step_") : -len(".COMPLETE")])
+        try:
+            body = s3.get_object(Bucket=bucket, Key=f"run/step_{step:08d}/trainer.json")["Body"]
+        except s3.exceptions.NoSuchKey:  # pruned meanwhile
+            continue
+        if step > after_step and json.loads(body.read())["world_size"] == world_size:
+            return step
+    return None
+
+
+def trainer_rank(launcher: subprocess.Popen) -> int | None:
+    """The global rank of the trainer process a launcher runs now, if it runs one."""
+    pid = trainer_process(launcher)
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if pid else []
+    except FileNotFoundError:
+        return None
+    ranks = [int(v[len(b"RANK=") :]) for v in environ if v.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+def merged_resume_on(run_dirs: list[Path], world_size: int) -> dict | None:
+    """The latest resume event on ``world_size`` ranks in any machine's metrics.jsonl."""
+    try:
+        _, found = read_metrics(*run_dirs)
+    except FileNotFoundError:  # no rank 0 has written yet
+        return None
+    found = [e for e in found if e["event"] == "resume" and e["world_size"] == world_size]
+    return found[-1] if found else None
+
+
+def test_node_loss_with_local_run_dirs_and_checkpoints_in_a_bucket_moves_rank_0_and_continues(
+    tmp_path: Path, token_data: Path, s3_bucket: str
+) -> None:
+    remote = f"s3://{s3_bucket}/run"
+    dirs = [tmp_path / name for name in ("first", "second", "replacement")]
+    port = free_port()
+
+    def machine(index: int, hosts: bool, addr: str) -> subprocess.Popen:
+        command = machine_command(token_data, dirs[index], port, hosts, addr, remote)
+        return start(command, tmp_path / f"{dirs[index].name}.log", True)
+
+    first, second = machine(0, True, FIRST_ADDR), machine(1, False, SECOND_ADDR)
+    nodes, replacement = [first, second], None
+    try:
+        # 1. Two machines train, rank 0 on the second; once 2 steps are in the bucket on 2
+        # ranks the second machine, and rank 0 with it, is lost.
+        wait_until(lambda: bucket_checkpoint(s3_bucket, 2, after_step=1), "2 steps on 2", nodes)
+        assert trainer_rank(second) == 0
+        kill_machine(second)
+        nodes = [first]
+
+        # 2. The survivor restarts alone as rank 0, from the bucket, logging to its run_dir.
+        alone = wait_until(lambda: merged_resume_on(dirs[:1], 1), "a resume on 1 rank", nodes)
+        wait_until(
+            lambda: bucket_checkpoint(s3_bucket, 1, after_step=alone["step"] + 1),
+            "two steps on 1 rank",
+            nodes,
+        )
+        survivor = trainer_process(first)
+        assert survivor is not None
+        os.kill(survivor, signal.SIGSTOP)
+        steps, _ = read_metrics(*dirs[:2])
+        assert max(steps) < MAX_STEPS, "the run ended before a node could join; raise MAX_STEPS"
+
+        # 3. A replacement with an empty disk joins; rank 0 moves to it and the world is 2.
+        replacement = machine(2, False, SECOND_ADDR)
+        nodes = [first, replacement]
+        wait_until(lambda: sigterm_pending(survivor), "the rank's stop request", nodes)
+        os.kill(survivor, signal.SIGCONT)
+        for node in nodes:
+            assert node.wait(timeout=90) == 0
+    finally:
+        for node in [first, second, *nodes]:
+            if node.poll() is None:
+                kill_machine(node)
+
+    # Rank 0 wrote its lines on each machine in turn; merged by time, the run reads whole.
+    assert all((run_dir / "metrics.jsonl").exists() for run_dir in dirs)
+    steps, found = read_metrics(*dirs)
+    resumes = [e for e in found if e["event"] == "resume"]
+    alone, rejoined = resumes[-2:]
+    assert (alone["world_size"], alone["saved_world_size"]) == (1, 2), alone
+    assert (rejoined["world_size"], rejoined["saved_world_size"]) == (2, 1), rejoined
+    assert alone["step"] < rejoined["step"] < MAX_STEPS
+    assert alone["checkpoint"] == f"{remote}/step_{alone['step']:08d}"
+    assert rejoined in events(dirs[2], "resume") and max(read_metrics(dirs[2])[0]) == MAX_STEPS
+    assert sorted(steps) == list(range(1, MAX_STEPS + 1))
+    assert [steps[s]["samples_seen"] for s in steps] == [8 * s for s in steps]
+    # No machine's disk held a checkpoint: only the bucket did.
+    assert not any(complete_checkpoints(run_dir / "checkpoints") for run_dir in dirs)
+
+    # The reference, as in the shared-run_dir test: plain relaunches over the same world
+    # sizes and steps, with local checkpoints. Equal bitwise.
+    worlds = [resumes[0]["saved_world_size"]] + [e["world_size"] for e in resumes]
+    ends = [e["step"] for e in resumes] + [MAX_STEPS]
+    reference = tmp_path / "reference"
+    for world_size, end in zip(worlds, ends):
+        nproc = world_size if world_size > 1 else 0
+        code, output = train(token_data, reference, *OVERRIDES, f"max_steps={end}", nproc=nproc)
+        assert code == 0, output
+    assert {s: r["loss"] for s, r in steps.items()} == losses(reference)
+
+
+def test_metrics_of_several_machines_merge_by_time_and_the_latest_line_of_a_step_wins(
+    tmp_path: Path,
+) -> None:
+    lost, survivor, unused = tmp_path / "lost", tmp_path / "survivor", tmp_path / "unused"
+    for folder in (lost, survivor, unused):
+        folder.mkdir()
+    lines = {
+        lost: [
+            {"step": 1, "loss": 3.0, "time": 10.0},
+            {"step": 2, "loss": 2.5, "time": 11.0},  # after the last checkpoint: done again
+            {"event": "checkpoint", "step": 1, "time": 10.5},
+        ],
+        survivor: [
+            {"event": "resume", "step": 1, "time": 20.0},
+            {"step": 2, "loss": 2.4, "time": 21.0},
+        ],
+    }
+    for folder, records in lines.items():
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        (folder / "metrics.jsonl").write_text(text + '{"step": 3, "lo')  # torn by a kill
+    steps, found = read_metrics(survivor, lost, unused)
+    assert {s: r["loss"] for s, r in steps.items()} == {1: 3.0, 2: 2.4}
+    assert [e["event"] for e in found] == ["checkpoint", "resume"]
+
+    (lost / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    with pytest.raises(ValueError, match=r"lost/metrics.jsonl:1: no time"):
+        read_metrics(survivor, lost)
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl in"):
+        read_metrics(unused, tmp_path)
