@@ -233,12 +233,22 @@ class DistributedJob(ConvertJob):
         bytes_done = sum(self.inputs[n].size // len(ranges[n]) for n, _ in parts)
         documents = tokens = 0
         self.tasks_total += len(tasks)
+        errors: dict[tuple[int, int], str] = {}
         for name, result in engine.run(tasks):
             self.tasks_done += 1
-            if "error" in result:
-                raise ConvertError(result["error"])
             _, number, *r = name.split("-")
-            parts[int(number), int(r[0]) if r else 0] = result
+            key = int(number), int(r[0]) if r else 0
+            if "error" in result:
+                errors[key] = result["error"]
+            else:
+                parts[key] = result
+            if errors:
+                # The error a local run would meet first: wait for every earlier part.
+                first = min(errors)
+                earlier = [(n, i) for n in range(first[0] + 1) for i in range(len(ranges[n]))]
+                if all(k in parts or k in errors for k in earlier if k < first):
+                    raise ConvertError(errors[first])
+                continue
             bytes_done += self.inputs[int(number)].size // len(ranges[int(number)])
             for unit in result["meta"]["units"]:
                 documents += unit["stats"]["kept"]

@@ -8,17 +8,20 @@ give the same shard files, byte for byte.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 from convert_helpers import TOKENIZER, dataset_files, sample_docs, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamshards.columns import parse_column_type
-from streamshards.convert import ConvertOptions, convert
+from streamshards.convert import ConvertError, ConvertOptions, convert
 from streamshards.convert.area import Area
 from streamshards.convert.distributed import DistributedJob
 from streamshards.convert.engine import LocalEngine
@@ -31,7 +34,14 @@ from streamshards.convert.plan import (
     sample_bytes,
     stream_length,
 )
-from streamshards.convert.tasks import FAIL_ONCE_ENV, ShardSpec, byte_ranges, shard_values
+from streamshards.convert.tasks import (
+    FAIL_ONCE_ENV,
+    FAULT_DIR_ENV,
+    STALL_ONCE_ENV,
+    ShardSpec,
+    byte_ranges,
+    shard_values,
+)
 from streamshards.format import shard_chunks
 from streamshards.writer import ShardWriter
 
@@ -197,3 +207,26 @@ def test_the_engine_job_on_local_processes_writes_the_bytes_of_a_local_run(tmp_p
         assert len(local) > 3 and dataset_files(tmp_path / "engine") == local
         shutil.rmtree(tmp_path / "local")
         shutil.rmtree(tmp_path / "engine")
+
+
+def test_the_engine_job_stops_on_the_error_a_local_run_meets_first(tmp_path, monkeypatch):
+    """The first file's error wins even when the second file's task fails first."""
+    monkeypatch.setenv(STALL_ONCE_ENV, "read-000000:1")
+    monkeypatch.setenv(FAULT_DIR_ENV, str(tmp_path / "faults"))
+    docs = sample_docs(120)
+    whole = write_jsonl(tmp_path / "whole.jsonl.gz", docs[:80], "gzip").read_bytes()
+    (tmp_path / "a-cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    lines = "".join(json.dumps(d) + "\n" for d in docs[80:]) + "{not json\n"
+    (tmp_path / "b-bad.jsonl").write_text(lines, encoding="utf-8")
+    inputs = [str(tmp_path / "a-cut.jsonl.gz"), str(tmp_path / "b-bad.jsonl")]
+    messages = []
+    for engine in (None, LocalEngine(2)):
+        options = ConvertOptions(inputs=inputs, out=str(tmp_path / "out"), unit_size="8KB")
+        job = DistributedJob(options, engine=engine) if engine else None
+        with pytest.raises(ConvertError) as caught:
+            job.run() if job else convert(replace(options, workers=1))
+        messages.append(str(caught.value))
+        if engine:
+            engine.close()
+    assert "a-cut.jsonl.gz: unreadable after line" in messages[0]
+    assert messages[1] == messages[0]
