@@ -15,6 +15,8 @@ from typing import Any
 from streamshards.convert.engine import MAX_RETRIES, Engine, RetryableTaskError, Task, TaskCounts
 from streamshards.convert.errors import ConvertError
 
+PROBE_TIMEOUT_S = 120
+
 
 def _import_ray():
     try:
@@ -83,7 +85,15 @@ class RayEngine(Engine):
             ).remote()
             for n in nodes
         }
-        found = {node: ray.get(ref) for node, ref in refs.items()}
+        found = {}
+        for node, ref in refs.items():
+            try:
+                found[node] = ray.get(ref, timeout=PROBE_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise ConvertError(
+                    f"Ray node {node} did not report its library versions within "
+                    f"{PROBE_TIMEOUT_S} s; is it alive?"
+                ) from None
         problems = version_mismatches(driver, found)
         if problems:
             raise ConvertError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -251,6 +252,24 @@ def _same_as_local(cluster, corpus, out: Path, options: list, env=None) -> str:
 )
 def test_two_nodes_write_the_bytes_of_a_local_run(cluster, corpus, tmp_path, options):
     _same_as_local(cluster, corpus, tmp_path, options)
+
+
+def test_without_ray_address_a_local_ray_is_started(corpus, tmp_path):
+    options = [*TOKENIZED, "--unit-size", "64KB"]
+    run_convert(*corpus, tmp_path / "local", "--workers", "2", *options)
+    args = [str(BIN / "streamshards"), "convert", *map(str, corpus), str(tmp_path / "ray")]
+    command = " ".join(shlex.quote(a) for a in [*args, *map(str, options), "--engine", "ray"])
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(
+        ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {command}"],
+        env={**environ, **RAY_ENV},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "on ray" in run.stdout
+    assert dataset_files(tmp_path / "ray") == dataset_files(tmp_path / "local")
 
 
 def test_a_task_failing_on_its_first_attempt_is_retried_to_the_same_bytes(
