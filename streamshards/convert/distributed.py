@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from fnmatch import fnmatch
 from pathlib import Path
@@ -31,7 +32,7 @@ from streamshards.convert.area import Area
 from streamshards.convert.engine import Engine, Task, open_engine
 from streamshards.convert.errors import ConvertError
 from streamshards.convert.inputs import FileReport, InputFile, find_any_inputs
-from streamshards.convert.options import Progress
+from streamshards.convert.options import ConvertOptions, ConvertResult, Progress
 from streamshards.convert.pack import Deduper
 from streamshards.convert.plan import (
     ShardPlan,
@@ -84,14 +85,19 @@ class _Packed:
 class DistributedJob(ConvertJob):
     """A ConvertJob whose units and shards are tasks on an engine; same inputs, same bytes."""
 
-    def __init__(self, options, progress=None, engine: Engine | None = None):
+    def __init__(
+        self,
+        options: ConvertOptions,
+        progress: Callable[[Progress], None] | None = None,
+        engine: Engine | None = None,
+    ):
         super().__init__(options, progress)
         self._engine = engine
         out = options.out if is_remote(options.out) else os.path.abspath(options.out)
         self.out_area = Area(out.rstrip("/"))
         self.work_area = self.out_area.sub(WORK_NAME)
 
-    def run(self):
+    def run(self) -> ConvertResult:
         """As ConvertJob.run; a remote OUT is written directly, its lock held by the caller."""
         if not self.out_area.remote:
             return super().run()
@@ -142,7 +148,7 @@ class DistributedJob(ConvertJob):
         if found is None:
             self.work_area.write(JOB_NAME, job)
 
-    def _run(self):
+    def _run(self) -> ConvertResult:
         start = time.perf_counter()
         if self._already_done():
             return self.result

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
 
@@ -43,7 +43,6 @@ class TaskCounts:
     done: int = 0
     retried: int = 0
     failed: int = 0
-    names: list[str] = field(default_factory=list)
 
 
 class Engine:

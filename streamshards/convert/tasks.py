@@ -25,24 +25,18 @@ from streamshards.convert.area import Area
 from streamshards.convert.engine import RetryableTaskError
 from streamshards.convert.errors import ConvertError
 from streamshards.convert.inputs import FileReport, InputFile, fetch_input, read_units
-from streamshards.convert.plan import (
-    ShardPlan,
-    sample_bytes,
-    token_rows,
-    token_stream,
-)
+from streamshards.convert.plan import ShardPlan, sample_bytes, token_rows, token_stream
 from streamshards.convert.spill import read_spill
 from streamshards.convert.worker import UnitProcessor, WorkerSetup
 from streamshards.format import shard_chunks, write_shard
-from streamshards.index import (
-    ShardInfo,
-)
+from streamshards.index import ShardInfo
 from streamshards.util import fsync_folder, is_remote
 from streamshards.writer import output_error
 
 # Test hook: task name patterns (``read-000001``, ``shard-*``) that fail on their first
 # attempt, and ``PATTERN:SECONDS`` pairs that stall it (to kill a node or the driver then).
-# A marker file per task in FAULT_DIR (default: the work folder) remembers the first attempt.
+# A marker file per task in FAULT_DIR (default: one in the system temp folder) remembers the
+# first attempt.
 FAIL_ONCE_ENV = "STREAMSHARDS_CONVERT_FAIL_ONCE"
 STALL_ONCE_ENV = "STREAMSHARDS_CONVERT_STALL_ONCE"
 FAULT_DIR_ENV = "STREAMSHARDS_CONVERT_FAULT_DIR"
@@ -74,7 +68,7 @@ class ShardSpec:
     bos: int | None
     eos: int | None
     pad_id: int | None
-    work: Area | None = None
+    work: Area | None = None  # where the spills are (None only where no task reads them)
 
 
 @dataclass(frozen=True)
@@ -132,11 +126,12 @@ def read_file_task(
     reading = source if fetched is None else replace(source, path=fetched)
     try:
         for unit in read_units(reading, number, spec.unit_bytes, spec.txt_per_line, report):
-            unit_start = unit.end_offset - len(unit.payload)
-            if byte_range[1] is not None and unit_start >= byte_range[1]:
-                break
-            if unit_start < byte_range[0]:
-                continue
+            if byte_range != (0, None):  # only line files are cut into ranges
+                unit_start = unit.end_offset - len(unit.payload)
+                if byte_range[1] is not None and unit_start >= byte_range[1]:
+                    break
+                if unit_start < byte_range[0]:
+                    continue
             if unit.read_error and spec.on_error == "fail":
                 error = unit.read_error.replace(reading.path, source.path)
                 return {"error": f"{error} (use --on-error skip to keep what was readable)"}

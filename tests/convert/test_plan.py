@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from convert_helpers import TOKENIZER, dataset_files, sample_docs, write_jsonl
 from hypothesis import given, settings
@@ -185,11 +187,15 @@ def test_the_engine_job_on_local_processes_writes_the_bytes_of_a_local_run(tmp_p
     inputs = [
         write_jsonl(tmp_path / "a.jsonl.gz", docs[:120], "gzip"),
         write_jsonl(tmp_path / "b.jsonl", docs[100:] + docs[:10]),
+        tmp_path / "c.parquet",
+        tmp_path / "d.txt",
     ]
+    pq.write_table(pa.Table.from_pylist(docs[:40]), inputs[2], row_group_size=16)
+    inputs[3].write_text(docs[50]["text"], encoding="utf-8")
     assert len(byte_ranges(find_inputs([str(inputs[1])])[0], 8000, False)) > 2
     for options in (
         {"tokenizer": str(TOKENIZER), "seq_len": 64, "dedup": True, "tail": "pad"},
-        {"keep_fields": ["url"], "dedup": True},
+        {"keep_fields": [], "dedup": True},
     ):
         common = dict(inputs=[str(p) for p in inputs], unit_size="8KB", size_limit="20KB")
         convert(ConvertOptions(out=str(tmp_path / "local"), workers=1, **common, **options))
