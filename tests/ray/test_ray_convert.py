@@ -260,13 +260,17 @@ def test_without_ray_address_a_local_ray_is_started(corpus, tmp_path):
     args = [str(BIN / "streamshards"), "convert", *map(str, corpus), str(tmp_path / "ray")]
     command = " ".join(shlex.quote(a) for a in [*args, *map(str, options), "--engine", "ray"])
     environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    run = subprocess.run(
-        ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {command}"],
-        env={**environ, **RAY_ENV},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    temp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # the local Ray's session files
+    try:
+        run = subprocess.run(
+            ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {command}"],
+            env={**environ, **RAY_ENV, "RAY_TMPDIR": temp},
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "on ray" in run.stdout
     assert dataset_files(tmp_path / "ray") == dataset_files(tmp_path / "local")
