@@ -15,6 +15,7 @@ and writes index.json last.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -33,7 +34,6 @@ from streamshards.convert.engine import Engine, Task, open_engine
 from streamshards.convert.errors import ConvertError
 from streamshards.convert.inputs import FileReport, InputFile, find_any_inputs
 from streamshards.convert.options import ConvertOptions, ConvertResult, Progress
-from streamshards.convert.pack import Deduper
 from streamshards.convert.plan import (
     ShardPlan,
     plan_raw_shards,
@@ -51,9 +51,12 @@ from streamshards.convert.tasks import (
     ReadSpec,
     ShardSpec,
     byte_ranges,
+    dedup_bucket_task,
+    dedup_buckets,
     join_ranges,
     read_file_task,
     read_result,
+    unit_code,
     write_shard_task,
 )
 from streamshards.convert.tokenize import TokenizerInfo
@@ -71,7 +74,7 @@ from streamshards.index import (
 from streamshards.util import is_remote, parse_size
 from streamshards.writer import OutputError, output_error, parse_compression, prepare_output
 
-WORK_FOLDERS = ("units", "files", "shards", "attempts")
+WORK_FOLDERS = ("units", "files", "keys", "dups", "shards", "attempts")
 
 
 @dataclass
@@ -160,8 +163,12 @@ class DistributedJob(ConvertJob):
         self.result.engine = self.options.engine
         try:
             engine.check_versions(_versions())
+            self.buckets = (
+                dedup_buckets(sum(f.size for f in self.inputs)) if self.options.dedup else 0
+            )
             files = self._read_files(engine)
-            plans, units = self._plan(files)
+            duplicates = self._dedup(engine, files) if self.buckets else {}
+            plans, units = self._plan(files, duplicates)
             if self.packer.samples == 0:
                 self._finish_empty()
             self.out_area.delete(INDEX_NAME)
@@ -217,13 +224,16 @@ class DistributedJob(ConvertJob):
             setup,
             self.work_area,
             1 + len(self.keep_fields),
+            self.buckets,
         )
         parts: dict[tuple[int, int], dict] = {}
         ranges = [byte_ranges(f, self.unit_bytes, self.options.txt_per_line) for f in self.inputs]
         tasks = []
+        self.part_names = []
         for number, source in enumerate(self.inputs):
             for r, byte_range in enumerate(ranges[number]):
                 part = f"{number:06d}" + (f"-{r:03d}" if len(ranges[number]) > 1 else "")
+                self.part_names.append(part)
                 result_name = f"files/{part}.npz"
                 found = read_result(self.work_area, result_name)
                 if found is not None:
@@ -265,13 +275,46 @@ class DistributedJob(ConvertJob):
             for number in range(len(self.inputs))
         ]
 
+    def _dedup(self, engine: Engine, files: list[dict]) -> dict[int, np.ndarray]:
+        """Exact dedup in hash-bucket tasks: per unit (code), its duplicate documents."""
+        dropped_units = []
+        for number, (source, found) in enumerate(zip(self.inputs, files)):
+            trusted = found["meta"]["report"]["trusted_bytes"]
+            if source.codec == "gzip" and trusted is not None:
+                dropped_units += [
+                    unit_code(number, int(u["name"].split("-")[1]))
+                    for u in found["meta"]["units"]
+                    if u["end_offset"] > trusted
+                ]
+        found: dict[int, dict] = {}
+        tasks = []
+        for bucket in range(self.buckets):
+            data = self.work_area.read(f"dups/{bucket:03d}.npz")
+            if data is not None:
+                with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                    found[bucket] = {key: arrays[key] for key in arrays.files}
+                continue
+            name = f"dedup-{bucket:03d}"
+            args = (bucket, self.part_names, dropped_units, self.work_area, self._attempt(name))
+            tasks.append(Task(name, dedup_bucket_task, args))
+        self.tasks_total += len(tasks)
+        for name, result in engine.run(tasks):
+            self.tasks_done += 1
+            found[int(name.split("-")[1])] = result
+        units = np.concatenate([found[b]["units"] for b in range(self.buckets)])
+        docs = np.concatenate([found[b]["docs"] for b in range(self.buckets)])
+        order = np.argsort(units, kind="stable")
+        units, docs = units[order], docs[order]
+        starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]]) if len(units) else []
+        bounds = list(starts) + [len(units)]
+        return {int(units[a]): docs[a:b] for a, b in zip(bounds, bounds[1:])}
+
     def _plan(
-        self, files: list[dict]
+        self, files: list[dict], duplicates: dict[int, np.ndarray]
     ) -> tuple[list[ShardPlan], list[tuple[str, np.ndarray | None]]]:
-        """Phase 2: dedup in input order, counts, and the shard plan; no input bytes needed."""
+        """Phase 2: counts and the shard plan from the tasks' results; no input bytes needed."""
         result = self.result
         self.dropped, self.bad, self.reports = Counter(), Counter(), []
-        dedup = Deduper() if self.options.dedup else None
         tk = self.tokenizer
         units: list[tuple[str, np.ndarray | None]] = []
         unit_counts: list = []
@@ -287,16 +330,16 @@ class DistributedJob(ConvertJob):
                     continue
                 stats, counts = unit["stats"], arrays[f"counts{k}"]
                 keep = None
-                if dedup is not None:
-                    keep = np.array(dedup.keep(arrays.get(f"hashes{k}"), len(counts)), dtype=bool)
-                    duplicates = int(len(counts) - keep.sum())
-                    if duplicates:
-                        self.dropped["duplicate"] += duplicates
-                else:
-                    duplicates = 0
+                if self.buckets:
+                    keep = np.ones(len(counts), dtype=bool)
+                    number, unit_number = map(int, unit["name"].split("-"))
+                    keep[duplicates.get(unit_code(number, unit_number), [])] = False
+                dropped = 0 if keep is None else int(len(counts) - keep.sum())
+                if dropped:
+                    self.dropped["duplicate"] += dropped
                 result.units += 1
                 result.documents_read += stats["read"]
-                result.documents_written += stats["kept"] - duplicates
+                result.documents_written += stats["kept"] - dropped
                 result.bytes_read += stats["bytes_read"]
                 self.dropped.update(stats["dropped"])
                 self.bad.update(stats["errors"])

@@ -41,6 +41,7 @@ FAIL_ONCE_ENV = "STREAMSHARDS_CONVERT_FAIL_ONCE"
 STALL_ONCE_ENV = "STREAMSHARDS_CONVERT_STALL_ONCE"
 FAULT_DIR_ENV = "STREAMSHARDS_CONVERT_FAULT_DIR"
 MAX_RANGES = 32
+MIN_BUCKETS, MAX_BUCKETS, BUCKET_INPUT_BYTES = 4, 64, 4 << 30
 RANGE_UNITS = 8
 
 
@@ -54,6 +55,7 @@ class ReadSpec:
     setup: WorkerSetup
     work: Area  # the work folder (spills in units/, results in files/)
     num_columns: int  # raw mode: text plus kept fields
+    buckets: int = 0  # --dedup: hash buckets the dedup keys are written into (keys/)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def read_file_task(
     if processor is None:
         processor = _processors[spec.setup] = UnitProcessor(spec.setup)
     report = FileReport(source.size)
-    units, arrays, reused = [], {}, 0
+    units, arrays, reused, keys = [], {}, 0, []
     fetched = fetch_input(source) if is_remote(source.path) else None
     reading = source if fetched is None else replace(source, path=fetched)
     try:
@@ -146,10 +148,9 @@ def read_file_task(
                 stats, counts, hashes = _spill_counts(path, spec.num_columns)
                 if spec.work.remote:
                     spec.work.upload(path, spill)
-            k = len(units)
-            arrays[f"counts{k}"] = counts
+            arrays[f"counts{len(units)}"] = counts
             if hashes is not None:
-                arrays[f"hashes{k}"] = hashes
+                keys.append((unit_code(unit.file, unit.number), hashes))
             units.append({"name": unit.name, "end_offset": unit.end_offset, "stats": stats})
     except ConvertError as err:
         return {"error": str(err).replace(reading.path, source.path)}
@@ -168,8 +169,63 @@ def read_file_task(
         "units": units,
         "reused": reused,
     }
+    if spec.buckets:
+        _write_keys(spec.work, Path(result_name).stem, keys, spec.buckets)
     _write_result(spec.work, result_name, meta, arrays)
     return {"meta": meta, "arrays": arrays}
+
+
+def dedup_buckets(input_bytes: int) -> int:
+    """Hash buckets for --dedup: about one a 4 GB of input (C4 en: 64), at least 4."""
+    return max(MIN_BUCKETS, min(MAX_BUCKETS, input_bytes // BUCKET_INPUT_BYTES))
+
+
+def unit_code(file: int, number: int) -> int:
+    """A unit's place in input order as one integer (file, then unit within it)."""
+    return (file << 32) | number
+
+
+def _write_keys(work: Area, part: str, keys: list[tuple[int, np.ndarray]], buckets: int) -> None:
+    """This part's dedup keys with their places (unit, document), one file per hash bucket."""
+    units = [np.full(len(h) // 16, code, dtype=np.int64) for code, h in keys]
+    docs = [np.arange(len(h) // 16, dtype=np.int64) for _, h in keys]
+    raw = [h.reshape(-1, 16) for _, h in keys]
+    units = np.concatenate(units) if units else np.empty(0, dtype=np.int64)
+    docs = np.concatenate(docs) if docs else np.empty(0, dtype=np.int64)
+    pairs = np.concatenate(raw).view("<u8") if raw else np.empty((0, 2), dtype="<u8")
+    bucket = pairs[:, 0] % buckets if len(pairs) else np.empty(0, dtype="<u8")
+    for b in range(buckets):
+        mine = bucket == b
+        buffer = io.BytesIO()
+        np.savez(buffer, units=units[mine], docs=docs[mine], keys=pairs[mine])
+        work.write(f"keys/{part}.{b:03d}.npz", buffer.getvalue())
+
+
+def dedup_bucket_task(
+    bucket: int, parts: list[str], dropped_units: list[int], work: Area, attempt: Attempt
+) -> dict:
+    """Exact dedup of one hash bucket: every document whose key occurred earlier in input
+    order (over units that are packed) is a duplicate; returns their (unit, document)."""
+    _begin(attempt, work)
+    loaded = []
+    for part in parts:
+        data = work.read(f"keys/{part}.{bucket:03d}.npz")
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            loaded.append((arrays["units"], arrays["docs"], arrays["keys"]))
+    units = np.concatenate([u for u, _, _ in loaded])
+    docs = np.concatenate([d for _, d, _ in loaded])
+    keys = np.concatenate([k for _, _, k in loaded]).reshape(-1, 2)
+    packed = ~np.isin(units, np.asarray(dropped_units, dtype=np.int64))
+    units, docs, keys = units[packed], docs[packed], keys[packed]
+    order = np.lexsort((docs, units, keys[:, 1], keys[:, 0]))
+    keys = keys[order]
+    repeat = np.zeros(len(order), dtype=bool)
+    repeat[1:] = (keys[1:] == keys[:-1]).all(axis=1)
+    duplicates = {"units": units[order][repeat], "docs": docs[order][repeat]}
+    buffer = io.BytesIO()
+    np.savez(buffer, **duplicates)
+    work.write(f"dups/{bucket:03d}.npz", buffer.getvalue())
+    return duplicates
 
 
 def _temporary(name: str) -> Path:
