@@ -170,7 +170,7 @@ def read_file_task(
         "reused": reused,
     }
     if spec.buckets:
-        _write_keys(spec.work, Path(result_name).stem, keys, spec.buckets)
+        write_keys(spec.work, Path(result_name).stem, keys, spec.buckets)
     _write_result(spec.work, result_name, meta, arrays)
     return {"meta": meta, "arrays": arrays}
 
@@ -185,7 +185,7 @@ def unit_code(file: int, number: int) -> int:
     return (file << 32) | number
 
 
-def _write_keys(work: Area, part: str, keys: list[tuple[int, np.ndarray]], buckets: int) -> None:
+def write_keys(work: Area, part: str, keys: list[tuple[int, np.ndarray]], buckets: int) -> None:
     """This part's dedup keys with their places (unit, document), one file per hash bucket."""
     units = [np.full(len(h) // 16, code, dtype=np.int64) for code, h in keys]
     docs = [np.arange(len(h) // 16, dtype=np.int64) for _, h in keys]

@@ -40,9 +40,13 @@ from streamshards.convert.tasks import (
     FAIL_ONCE_ENV,
     FAULT_DIR_ENV,
     STALL_ONCE_ENV,
+    Attempt,
     ShardSpec,
     byte_ranges,
+    dedup_bucket_task,
     shard_values,
+    unit_code,
+    write_keys,
 )
 from streamshards.format import shard_chunks
 from streamshards.writer import ShardWriter
@@ -236,3 +240,41 @@ def test_the_engine_job_stops_on_the_error_a_local_run_meets_first(tmp_path, mon
             engine.close()
     assert "a-cut.jsonl.gz: unreadable after line" in messages[0]
     assert messages[1] == messages[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    units=st.lists(st.lists(st.integers(0, 8), max_size=10), min_size=1, max_size=6),
+    dropped=st.sets(st.integers(0, 5)),
+    buckets=st.integers(1, 5),
+    split=st.integers(1, 3),
+)
+def test_hash_bucket_dedup_keeps_what_the_deduper_keeps(units, dropped, buckets, split):
+    """Bucket tasks mark as duplicates exactly the documents the one-pass Deduper drops,
+    over the units that are packed (``dropped`` units are not), whatever the bucket count."""
+    with tempfile.TemporaryDirectory() as folder:
+        work = Area(folder)
+        # Units of file 0 in ``split`` consecutive parts, as byte-range tasks write them.
+        bounds = np.linspace(0, len(units), split + 1).astype(int)
+        parts = []
+        for p, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            keys = [
+                (unit_code(0, n), np.frombuffer(b"".join(_key(k) for k in units[n]), np.uint8))
+                for n in range(lo, hi)
+            ]
+            write_keys(work, f"p{p}", keys, buckets)
+            parts.append(f"p{p}")
+        dropped_codes = [unit_code(0, n) for n in dropped]
+        marked = set()
+        for b in range(buckets):
+            found = dedup_bucket_task(b, parts, dropped_codes, work, Attempt(f"dedup-{b}"))
+            marked |= set(zip(found["units"].tolist(), found["docs"].tolist()))
+    deduper = Deduper()
+    expected = set()
+    for n, docs in enumerate(units):
+        if n in dropped:
+            continue
+        hashes = np.frombuffer(b"".join(_key(k) for k in docs), np.uint8)
+        keep = deduper.keep(hashes, len(docs))
+        expected |= {(unit_code(0, n), i) for i, kept in enumerate(keep) if not kept}
+    assert marked == expected
