@@ -1,16 +1,18 @@
-"""Convert on an engine (``--engine ray``): the same bytes as a local run, in three phases.
+"""Convert on an engine (``--engine ray``): the same bytes as a local run, in four phases.
 
-1. One task per input file reads that file itself, cuts it into the same units as a local run
-   and writes each unit's spill file (reusing spills already there); it returns the file's
-   hash and, per unit, its counts: token lengths (or sample sizes) and dedup keys.
-2. The driver decides, in input order, which documents dedup keeps and plans shard
-   boundaries from the prefix sums (``plan.py``): no input or token bytes pass through it.
-3. One task per shard reads the spills it overlaps and writes the shard straight into OUT.
+1. One task per input file (or byte range) reads that file itself, cuts it into the same units
+   as a local run and writes each unit's spill file (reusing spills already there); it
+   returns the file's hash and, per unit, its counts and per-document token lengths (or
+   sample sizes); with --dedup it writes the documents' keys into hash-bucket files.
+2. With --dedup, one task per bucket finds the later occurrences of each key, in input order.
+3. The driver plans shard boundaries from the prefix sums (``plan.py``): no input or token
+   bytes pass through it.
+4. One task per shard reads the spills it overlaps and writes the shard straight into OUT.
 
-Every output has a deterministic name and appears by rename, and each finished task leaves a
-small result file in the work folder, so a re-run after a crash reuses finished tasks and a
-retried or duplicated task rewrites the same bytes. The driver checks every shard's size
-and writes index.json last.
+Every output has a deterministic name and appears whole or not at all, and each finished task
+leaves a small result file in the work area, so a re-run after a crash reuses finished tasks
+and a retried or duplicated task rewrites the same bytes. The driver checks every shard's
+size and writes index.json last.
 """
 
 from __future__ import annotations
