@@ -114,9 +114,10 @@ class RayEngine(Engine):
                     scheduling_strategy="SPREAD",
                 )
             refs[fn.remote(*task.args)] = task.name
+        pending = list(refs)
         try:
-            while refs:
-                finished, _ = ray.wait(list(refs), num_returns=1)
+            while pending:
+                finished, pending = ray.wait(pending, num_returns=1)
                 for ref in finished:
                     name = refs.pop(ref)
                     try:
