@@ -278,7 +278,7 @@ class DistributedJob(ConvertJob):
         ]
 
     def _dedup(self, engine: Engine, files: list[dict]) -> dict[int, np.ndarray]:
-        """Exact dedup in hash-bucket tasks: per unit (code), its duplicate documents."""
+        """Phase 2, exact dedup in hash-bucket tasks: per unit (code), its duplicate documents."""
         dropped_units = []
         for number, (source, found) in enumerate(zip(self.inputs, files)):
             trusted = found["meta"]["report"]["trusted_bytes"]
@@ -314,7 +314,7 @@ class DistributedJob(ConvertJob):
     def _plan(
         self, files: list[dict], duplicates: dict[int, np.ndarray]
     ) -> tuple[list[ShardPlan], list[tuple[str, np.ndarray | None]]]:
-        """Phase 2: counts and the shard plan from the tasks' results; no input bytes needed."""
+        """Phase 3: counts and the shard plan from the tasks' results; no input bytes needed."""
         result = self.result
         self.dropped, self.bad, self.reports = Counter(), Counter(), []
         tk = self.tokenizer
@@ -393,7 +393,7 @@ class DistributedJob(ConvertJob):
     def _write_shards(
         self, engine: Engine, plans: list[ShardPlan], units: list[tuple[str, np.ndarray | None]]
     ) -> list[ShardInfo]:
-        """Phase 3: one task per shard not already written; the results in shard order."""
+        """Phase 4: one task per shard not already written; the results in shard order."""
         tk = self.tokenizer
         level = parse_compression(self.options.compression)
         spec = ShardSpec(

@@ -300,7 +300,7 @@ def write_shard_task(
     result_name: str,
     attempt: Attempt,
 ) -> dict:
-    """Phase 3: build one planned shard from the spills it overlaps and write it into OUT."""
+    """Phase 4: build one planned shard from the spills it overlaps and write it into OUT."""
     _begin(attempt, spec.work)
     units = []
     for spill, keep in spills:
