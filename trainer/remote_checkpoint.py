@@ -12,7 +12,9 @@ A save writes DCP synchronously to a per-rank local staging folder (the stall), 
 background thread uploads that rank's files in parallel (multipart when big). Rank 0's
 thread waits until every rank's ``rng-rank{R}.json`` is up, then writes ``trainer.json``,
 the marker, and prunes to ``keep_last``. Only prefixes with a marker are ever loaded, so a
-checkpoint killed mid-upload is never read. One upload is in flight at a time.
+checkpoint killed mid-upload is never read. One upload is in flight at a time; the next save
+(or the end of the run) first has every rank agree, in a collective, that its files are up:
+a rank lost meanwhile fails that collective, so rank 0 never waits for its files for ever.
 """
 
 from __future__ import annotations
@@ -95,19 +97,36 @@ class RemoteCheckpoints:
         self.rank = dist.get_rank()
         self._upload: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._uploaded = threading.Event()  # this rank's own files are up, or failed
+        self._abandon = threading.Event()  # another rank's upload failed: no marker
 
     def folder(self, name: str) -> Storage:
         return open_storage(f"{self.url}/{name}")
 
     def wait(self) -> float:
-        """Finish the upload in flight (raising its error); returns the seconds waited."""
+        """Finish the upload in flight (collective), raising any rank's upload error; returns
+        the seconds waited.
+
+        Once this rank's own files are up, the ranks exchange their upload errors: a rank lost
+        since the save fails this collective here (gloo: its connections reset) instead of
+        leaving rank 0's thread waiting for that rank's files, which would hang the run.
+        """
         started = time.perf_counter()
-        if self._upload is not None:
-            self._upload.join()
-            self._upload = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"checkpoint upload to {self.url} failed: {error}") from error
+        if self._upload is None:
+            return time.perf_counter() - started
+        self._uploaded.wait()
+        own = None if self._error is None else f"{type(self._error).__name__}: {self._error}"
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, own)
+        failed = [f"rank {rank}: {error}" for rank, error in enumerate(errors) if error]
+        if failed:
+            self._abandon.set()
+        self._upload.join()
+        self._upload = None
+        error, self._error = self._error, None
+        if failed or error is not None:
+            reasons = "; ".join(failed) or f"rank {self.rank}: {error}"
+            raise RuntimeError(f"checkpoint upload to {self.url} failed: {reasons}") from error
         return time.perf_counter() - started
 
     def latest(self) -> str | None:
@@ -156,6 +175,8 @@ class RemoteCheckpoints:
             state.update((part, value.state_dict()) for part, value in parts.items())
             trainer_json = json.dumps(state, indent=1).encode()
         world_size = dist.get_world_size()
+        self._uploaded.clear()
+        self._abandon.clear()
         self._upload = threading.Thread(
             target=self._run_upload,
             args=(step, local, world_size, trainer_json),
@@ -172,6 +193,8 @@ class RemoteCheckpoints:
             self._publish(step, local, world_size, trainer_json)
         except BaseException as error:  # re-raised in the main thread by wait()
             self._error = error
+        finally:
+            self._uploaded.set()
 
     def _publish(self, step: int, local: Path, world_size: int, trainer_json: bytes | None) -> None:
         """Upload this rank's files, its RNG object last; rank 0 then completes the checkpoint."""
@@ -184,11 +207,13 @@ class RemoteCheckpoints:
         self.faults.after_files(step)
         folder.put(local / "rng.json", rng_object(self.rank))
         shutil.rmtree(local, ignore_errors=True)
+        self._uploaded.set()
         if trainer_json is None:
             return
         expected = {rng_object(rank) for rank in range(world_size)}
         while not expected <= {o.name for o in folder.list()}:
-            time.sleep(POLL_S)
+            if self._abandon.wait(POLL_S):
+                return  # a rank's files will not come: the checkpoint stays incomplete
         folder.put_bytes(trainer_json, "trainer.json")
         self.root.put_bytes(b"", f"{name}.{COMPLETE}")
         for _, old in complete_remote(self.root)[: -self.keep_last]:

@@ -393,3 +393,56 @@ def test_metrics_of_several_machines_merge_by_time_and_the_latest_line_of_a_step
         read_metrics(survivor, lost)
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl in"):
         read_metrics(unused, tmp_path)
+
+
+def test_a_machine_lost_while_its_upload_is_held_does_not_hang_rank_0_waiting_for_its_files(
+    tmp_path: Path, token_data: Path, s3_bucket: str
+) -> None:
+    remote = f"s3://{s3_bucket}/run"
+    port = free_port()
+    # Rank 0 on the first machine; rank 1's upload of step 2 is held SLOW_UPLOAD_S, so both
+    # ranks go on to step 3 and its save, where rank 0 waits for rank 1's files of step 2.
+    held = ("inject.slow_upload=2@1", "max_steps=6")
+    first, second = (
+        start(
+            [
+                *machine_command(token_data, tmp_path / name, port, name == "first", addr, remote),
+                *held,
+            ],
+            tmp_path / f"{name}.log",
+            True,
+        )
+        for name, addr in (("first", SECOND_ADDR), ("second", FIRST_ADDR))
+    )
+    nodes = [first, second]
+    try:
+        wait_until(lambda: trainer_rank(second) == 1 or None, "rank 1 on the second", nodes)
+        wait_until(lambda: 3 in merged_steps([tmp_path / "first"]) or None, "step 3 logged", nodes)
+        kill_machine(second)
+        nodes = [first]
+        keys = bucket_keys(s3_bucket)
+        assert "run/step_00000002/rng-rank1.json" not in keys, "the upload was not held"
+        assert "run/step_00000002.COMPLETE" not in keys
+        # Rank 0 leaves its wait at the lost peer; its agent restarts it alone, from step 1.
+        assert first.wait(timeout=60) == 0
+    finally:
+        for node in (first, second):
+            if node.poll() is None:
+                kill_machine(node)
+    resumes = events(tmp_path / "first", "resume")
+    assert [(e["step"], e["world_size"], e["saved_world_size"]) for e in resumes] == [(1, 1, 2)]
+    assert max(merged_steps([tmp_path / "first"])) == 6
+
+
+def merged_steps(run_dirs: list[Path]) -> dict[int, dict]:
+    """The step records of the machines' metrics.jsonl so far ({} before the first)."""
+    try:
+        return read_metrics(*run_dirs)[0]
+    except FileNotFoundError:
+        return {}
+
+
+def bucket_keys(bucket: str) -> list[str]:
+    """Every key in ``bucket`` (one page: the tests' buckets are small)."""
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket).get("Contents", [])
+    return [o["Key"] for o in listed]
