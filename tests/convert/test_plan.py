@@ -28,6 +28,7 @@ from streamshards.convert.area import Area
 from streamshards.convert.distributed import DistributedJob
 from streamshards.convert.engine import LocalEngine
 from streamshards.convert.inputs import find_inputs
+from streamshards.convert.merge_engine import merge_on_engine
 from streamshards.convert.pack import Deduper, RawPacker, TokenPacker
 from streamshards.convert.plan import (
     plan_raw_shards,
@@ -49,6 +50,7 @@ from streamshards.convert.tasks import (
     write_keys,
 )
 from streamshards.format import shard_chunks
+from streamshards.merge import merge
 from streamshards.writer import ShardWriter
 
 DTYPE = np.dtype("<u2")
@@ -278,3 +280,24 @@ def test_hash_bucket_dedup_keeps_what_the_deduper_keeps(units, dropped, buckets,
         keep = deduper.keep(hashes, len(docs))
         expected |= {(unit_code(0, n), i) for i, kept in enumerate(keep) if not kept}
     assert marked == expected
+
+
+def test_merge_on_the_engine_writes_the_bytes_of_merge(tmp_path):
+    """Parts of mixed shard sizes, merged by ``merge.merge`` and by engine tasks."""
+    rng = np.random.default_rng(7)
+    columns = {"text": "str", "tokens": "ndarray:uint16:16"}
+    for p, (count, limit) in enumerate([(40, "2KB"), (1, "1KB"), (75, "5KB")]):
+        with ShardWriter(tmp_path / "parts" / f"p{p}", columns, size_limit=limit) as writer:
+            for _ in range(count):
+                text = "x" * int(rng.integers(0, 300))
+                writer.write({"text": text, "tokens": rng.integers(0, 9, 16, dtype=np.uint16)})
+    merge([tmp_path / "parts"], tmp_path / "one", size_limit="3KB")
+    engine = LocalEngine(2)
+    try:
+        merge_on_engine(
+            [str(tmp_path / "parts")], str(tmp_path / "tasks"), "zstd", "3KB", False, engine
+        )
+    finally:
+        engine.close()
+    one = dataset_files(tmp_path / "one")
+    assert len(one) > 4 and dataset_files(tmp_path / "tasks") == one
