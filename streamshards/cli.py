@@ -139,18 +139,36 @@ def verify(dataset: str, **options) -> None:
 @click.option("--compression", default="zstd", show_default=True, help="zstd, zstd:LEVEL or none.")
 @click.option("--size-limit", default="64MB", show_default=True, help="Raw bytes per shard.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset at --out.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: one task per shard on the Ray cluster at RAY_ADDRESS (shared folders), same bytes.",
+)
 def merge(
-    parts: tuple[str, ...], out: str, compression: str, size_limit: str, overwrite: bool
+    parts: tuple[str, ...],
+    out: str,
+    compression: str,
+    size_limit: str,
+    overwrite: bool,
+    engine: str = "local",
 ) -> None:
     """Merge datasets (or a folder of part folders, in name order) into one.
 
     Example: streamshards merge parts/ --out merged/
     """
+    from streamshards.convert.errors import ConvertError
     from streamshards.merge import merge as merge_parts
 
     try:
-        index = merge_parts(parts, out, compression, size_limit, overwrite)
-    except (IndexFormatError, OSError, ValueError) as err:
+        if engine == "local":
+            index = merge_parts(parts, out, compression, size_limit, overwrite)
+        else:
+            from streamshards.convert.merge_engine import merge_on_engine
+
+            index = merge_on_engine(list(parts), out, compression, size_limit, overwrite, engine)
+    except (IndexFormatError, OSError, ValueError, ConvertError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"merged {index.num_samples:,} samples into {len(index.shards)} shards at {out}")
 

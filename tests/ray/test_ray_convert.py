@@ -25,6 +25,8 @@ pytest.importorskip("ray")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
 from convert_helpers import TOKENIZER, dataset_files, run_convert, sample_docs, write_jsonl  # noqa: E402
 
+from streamshards.merge import merge  # noqa: E402
+
 pytestmark = pytest.mark.ray
 
 BIN = Path(sys.executable).parent
@@ -172,9 +174,9 @@ class Cluster:
             time.sleep(1)
         raise AssertionError(f"the Ray cluster did not come up: {run.stderr[-2000:]}")
 
-    def convert(self, *args, env: dict[str, str] | None = None, wait: bool = True):
+    def convert(self, *args, env: dict[str, str] | None = None, wait: bool = True, cmd="convert"):
         """``streamshards convert ARGS --engine ray`` as a driver process in the namespace."""
-        command = [str(BIN / "streamshards"), "convert"]
+        command = [str(BIN / "streamshards"), cmd]
         command += [str(a) for a in args] + ["--engine", "ray"]
         driver = subprocess.Popen(
             self.inside(command),
@@ -307,6 +309,18 @@ def test_inputs_and_out_on_s3_give_the_bytes_of_a_local_run(cluster, corpus, tmp
         for item in index["provenance"]["inputs"]:
             item.pop("file", None)
     assert ray_index == local_index
+
+
+def test_merge_on_ray_writes_the_bytes_of_a_local_merge(cluster, corpus, tmp_path):
+    for number, path in enumerate(corpus[:3]):
+        run_convert(path, tmp_path / "parts" / f"p{number}", "--size-limit", "60KB")
+    merge([tmp_path / "parts"], tmp_path / "one", size_limit="100KB")
+    code, output = cluster.convert(
+        tmp_path / "parts", "--out", tmp_path / "ray", "--size-limit", "100KB", cmd="merge"
+    )
+    assert code == 0, output
+    one = dataset_files(tmp_path / "one")
+    assert len(one) > 3 and dataset_files(tmp_path / "ray") == one
 
 
 def _wait_for(predicate, seconds: float = 60) -> None:
