@@ -238,9 +238,9 @@ _spec.loader.exec_module(_remote)
 s3_server = _remote.s3_server
 s3_bucket = _remote.s3_bucket
 
-# Rendezvous ranks follow the agents' addresses in sorted order: a machine at 127.0.0.1 holds
-# rank 0 whenever it is in the world, so rank 0 moves when it is lost and when it is replaced.
-FIRST_ADDR, SECOND_ADDR = "127.0.0.2", "127.0.0.1"
+# Rendezvous ranks follow the agents' addresses in sorted order: a machine at LOW_ADDR holds
+# rank 0 whenever it is in the world, so the tests choose where rank 0 is, and where it moves.
+LOW_ADDR, HIGH_ADDR = "127.0.0.1", "127.0.0.2"
 
 
 def machine_command(
@@ -302,7 +302,7 @@ def test_node_loss_with_local_run_dirs_and_checkpoints_in_a_bucket_moves_rank_0_
         command = machine_command(token_data, dirs[index], port, hosts, addr, remote)
         return start(command, tmp_path / f"{dirs[index].name}.log", True)
 
-    first, second = machine(0, True, FIRST_ADDR), machine(1, False, SECOND_ADDR)
+    first, second = machine(0, True, HIGH_ADDR), machine(1, False, LOW_ADDR)
     nodes, replacement = [first, second], None
     try:
         # 1. Two machines train, rank 0 on the second; once 2 steps are in the bucket on 2
@@ -326,7 +326,7 @@ def test_node_loss_with_local_run_dirs_and_checkpoints_in_a_bucket_moves_rank_0_
         assert max(steps) < MAX_STEPS, "the run ended before a node could join; raise MAX_STEPS"
 
         # 3. A replacement with an empty disk joins; rank 0 moves to it and the world is 2.
-        replacement = machine(2, False, SECOND_ADDR)
+        replacement = machine(2, False, LOW_ADDR)
         nodes = [first, replacement]
         wait_until(lambda: sigterm_pending(survivor), "the rank's stop request", nodes)
         os.kill(survivor, signal.SIGCONT)
@@ -402,18 +402,13 @@ def test_a_machine_lost_while_its_upload_is_held_does_not_hang_rank_0_waiting_fo
     port = free_port()
     # Rank 0 on the first machine; rank 1's upload of step 2 is held SLOW_UPLOAD_S, so both
     # ranks go on to step 3 and its save, where rank 0 waits for rank 1's files of step 2.
-    held = ("inject.slow_upload=2@1", "max_steps=6")
-    first, second = (
-        start(
-            [
-                *machine_command(token_data, tmp_path / name, port, name == "first", addr, remote),
-                *held,
-            ],
-            tmp_path / f"{name}.log",
-            True,
-        )
-        for name, addr in (("first", SECOND_ADDR), ("second", FIRST_ADDR))
-    )
+    held = ["inject.slow_upload=2@1", "max_steps=6"]
+
+    def machine(name: str, hosts: bool, addr: str) -> subprocess.Popen:
+        command = machine_command(token_data, tmp_path / name, port, hosts, addr, remote)
+        return start([*command, *held], tmp_path / f"{name}.log", True)
+
+    first, second = machine("first", True, LOW_ADDR), machine("second", False, HIGH_ADDR)
     nodes = [first, second]
     try:
         wait_until(lambda: trainer_rank(second) == 1 or None, "rank 1 on the second", nodes)
@@ -429,8 +424,9 @@ def test_a_machine_lost_while_its_upload_is_held_does_not_hang_rank_0_waiting_fo
         for node in (first, second):
             if node.poll() is None:
                 kill_machine(node)
-    resumes = events(tmp_path / "first", "resume")
-    assert [(e["step"], e["world_size"], e["saved_world_size"]) for e in resumes] == [(1, 1, 2)]
+    # (A second machine that joined late adds a restart before; the last one is the loss's.)
+    alone = events(tmp_path / "first", "resume")[-1]
+    assert (alone["step"], alone["world_size"]) == (1, 1), alone
     assert max(merged_steps([tmp_path / "first"])) == 6
 
 
