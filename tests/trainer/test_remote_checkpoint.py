@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import time
 from pathlib import Path
 
 import boto3
@@ -48,8 +49,14 @@ def test_sigkill_then_resume_from_the_bucket_on_an_empty_disk_gives_identical_lo
     kill_after = random.Random().randint(4, 9)
     run_dir = tmp_path / "run"
     proc = start(command(token_data, run_dir, *remote), tmp_path / "killed.log")
-    reached = wait_for_step(proc, run_dir, kill_after)
+    wait_for_step(proc, run_dir, kill_after)
+    # The upload runs beside training: on a loaded machine the first checkpoint may still be
+    # going up at the chosen step, so the kill waits for one to be complete in the bucket.
+    deadline = time.monotonic() + 60
+    while not markers(s3_bucket, "run") and time.monotonic() < deadline:
+        time.sleep(0.05)
     kill_all(proc)
+    reached = max(losses(run_dir))
     saved = markers(s3_bucket, "run")
     assert saved and max(saved) <= reached, f"killed after step {reached}, bucket has {saved}"
 
