@@ -552,7 +552,13 @@ def check_token_column(config: dict[str, Any], dataset: StreamingDataset) -> Non
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except ConfigError as error:
         print(f"trainer: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
+    # Everything is saved and closed: leave without interpreter finalization, where a native
+    # library thread being torn down can abort the process (SIGABRT, "terminate called
+    # without an active exception"), which torchrun would take for a failure and restart.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
