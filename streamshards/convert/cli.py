@@ -6,11 +6,11 @@ import shutil
 
 import click
 
+from streamshards.convert import convert as run_convert
 from streamshards.convert.errors import ConvertError
 from streamshards.convert.lock import OutputLock
 from streamshards.convert.options import ConvertOptions, ConvertResult, Progress
 from streamshards.convert.remote import RemoteOutput
-from streamshards.convert.run import convert as run_convert
 from streamshards.util import human_size, is_remote
 
 

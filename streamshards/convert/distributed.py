@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from streamshards.convert.area import Area
-from streamshards.convert.engine import Engine, Task, open_engine
+from streamshards.convert.engine import Engine, Task
+from streamshards.convert.engines import open_engine
 from streamshards.convert.errors import ConvertError
 from streamshards.convert.inputs import FileReport, InputFile, find_any_inputs
 from streamshards.convert.options import ConvertOptions, ConvertResult, Progress

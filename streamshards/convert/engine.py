@@ -8,7 +8,6 @@ engine (Dask, Spark) only has to implement ``Engine``; see ``ray_engine.RayEngin
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -114,14 +113,3 @@ class LocalEngine(Engine):
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
-
-
-def open_engine(name: str, workers: int | None) -> Engine:
-    """The engine called ``name``; ray is imported only here, and only when asked for."""
-    if name == "local":
-        return LocalEngine(workers or os.cpu_count() or 1)
-    if name == "ray":
-        from streamshards.convert.ray_engine import RayEngine
-
-        return RayEngine(workers)
-    raise ConvertError(f"--engine {name!r}: expected one of {', '.join(ENGINES)}")

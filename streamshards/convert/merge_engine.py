@@ -16,7 +16,8 @@ import numpy as np
 
 from streamshards._version import __version__
 from streamshards.columns import parse_column_type
-from streamshards.convert.engine import Engine, Task, open_engine
+from streamshards.convert.engine import Engine, Task
+from streamshards.convert.engines import open_engine
 from streamshards.convert.plan import ShardPlan, plan_raw_shards, sample_bytes
 from streamshards.format import shard_chunks, write_shard
 from streamshards.index import INDEX_NAME, Index, ShardInfo, creation_time, load_index, write_index

@@ -424,14 +424,3 @@ class _InlineExecutor:
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """Drop the tokenizer."""
         release_worker()
-
-
-def convert(
-    options: ConvertOptions, progress: Callable[[Progress], None] | None = None
-) -> ConvertResult:
-    """Run a convert job (see ConvertOptions); resumes an interrupted one with the same options."""
-    if options.engine != "local":
-        from streamshards.convert.distributed import DistributedJob
-
-        return DistributedJob(options, progress).run()
-    return ConvertJob(options, progress).run()
