@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -237,13 +236,9 @@ class StreamingDataset(IterableDataset):
         if view is not None:
             self._views.move_to_end(key)
             return view
-        return self._add(key, self.sources[stream].open_view(shard))
-
-    def _add(self, key: tuple[int, int], view: ShardView) -> ShardView:
-        """Keep ``view`` open, closing the least recently used views past the budget."""
-        stream = key[0]
         source = self.sources[stream]
-        info = source.index.shards[key[1]]
+        info = source.index.shards[shard]
+        view = source.open_view(shard)
         self._views[key] = view
         self._view_bytes += info.raw_bytes if info.compression else 0
         if source.max_open is not None:
@@ -255,49 +250,6 @@ class StreamingDataset(IterableDataset):
         ):
             self._close(next(iter(self._views)))
         return view
-
-    def _open_together(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], ShardView]:
-        """Open the compressed local shards among ``keys`` that are not open, half of them on a
-        second thread, and return them: zstd releases the GIL, so a shuffled read that needs
-        several new shards at once decompresses on two cores.
-
-        Only in the main process (a DataLoader's workers already fill the cores) and only for
-        native local shards, whose opening touches nothing shared. One short-lived thread per
-        call keeps this safe across fork.
-        """
-        wanted = [
-            k
-            for k in keys
-            if k not in self._views
-            and self.sources[k[0]].max_open is None
-            and self.sources[k[0]].foreign is None
-            and self.sources[k[0]].index.shards[k[1]].compression is not None
-        ]
-        if len(wanted) < 2 or get_worker_info() is not None:
-            return {}
-        theirs = wanted[1::2]
-        opened: dict[tuple[int, int], ShardView] = {}
-        failed: list[BaseException] = []
-
-        def open_theirs() -> None:
-            try:
-                for k in theirs:
-                    opened[k] = self.sources[k[0]].open_view(k[1])
-            except BaseException as err:  # raised again in the caller's thread
-                failed.append(err)
-
-        helper = threading.Thread(target=open_theirs, name="streamshards-open", daemon=True)
-        helper.start()
-        try:
-            for k in wanted[0::2]:
-                opened[k] = self.sources[k[0]].open_view(k[1])
-        finally:
-            helper.join()
-        if failed:
-            raise failed[0]
-        for k in wanted:
-            self._add(k, opened[k])
-        return opened
 
     def _close(self, key: tuple[int, int]) -> None:
         """Forget one open shard view and tell its source that this process is done with it."""
@@ -547,10 +499,10 @@ class StreamingDataset(IterableDataset):
 
     def read(self, streams: np.ndarray, shards: np.ndarray, js: np.ndarray) -> dict[str, Any]:
         """Gather samples (stream, shard, index) into one batch: arrays for fixed-size columns."""
-        grouped = groups(streams * SHARD_KEY_STRIDE + shards)
-        keys = [(int(streams[i[0]]), int(shards[i[0]])) for i in grouped]
-        opened = self._open_together(keys) if len(keys) > 1 else {}
-        parts = [(opened.get(key) or self._view(*key), i, js[i]) for key, i in zip(keys, grouped)]
+        parts = [
+            (self._view(int(streams[i[0]]), int(shards[i[0]])), i, js[i])
+            for i in groups(streams * SHARD_KEY_STRIDE + shards)
+        ]
         batch: dict[str, Any] = {}
         for col, (name, ctype) in enumerate(zip(self.columns, self.column_types)):
             if ctype.array is not None:

@@ -258,24 +258,3 @@ def test_an_error_inside_the_writer_block_leaves_no_index(tmp_path: Path) -> Non
     assert not (tmp_path / INDEX_NAME).exists()
     with pytest.raises(RuntimeError, match="closed"):
         writer.write(text_samples(1)[0])
-
-
-@pytest.mark.parametrize("bad", [0, 1])
-def test_a_damaged_shard_opened_beside_others_in_one_read_is_named(
-    tmp_path: Path, bad: int
-) -> None:
-    """A read that needs several new zstd shards opens them on two threads; a damaged one is
-    named whichever thread opened it, and the same dataset reads whole once it is repaired."""
-    folder = write_dataset(tmp_path, COLUMNS, text_samples(60), size_limit=1500)
-    infos = load_index(folder).shards
-    assert len(infos) >= 4
-    path = folder / infos[bad].file
-    good = path.read_bytes()
-    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
-    ds = StreamingDataset(local=folder, shuffle=True, seed=3, batch_size=60)
-    with pytest.raises(ShardError, match=re.escape(infos[bad].file)):
-        next(ds.iter_batches())
-    path.write_bytes(good)
-    batch = next(StreamingDataset(local=folder, shuffle=True, seed=3, batch_size=60).iter_batches())
-    assert sorted(batch["id"].tolist()) == list(range(60))
-    assert sorted(batch["text"]) == sorted(s["text"] for s in text_samples(60))
