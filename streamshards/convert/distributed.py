@@ -54,6 +54,7 @@ from streamshards.convert.tasks import (
     ReadSpec,
     ShardSpec,
     byte_ranges,
+    check_shard_task,
     dedup_bucket_task,
     dedup_buckets,
     join_ranges,
@@ -433,14 +434,25 @@ class DistributedJob(ConvertJob):
             infos[int(name.split("-")[1])] = info
             self.tasks_done += 1
             self._report(bytes_in, self.result.documents_written, self.packer.document_tokens)
+        checks = [
+            Task(f"check-{n:06d}", check_shard_task, (self.out_area, infos[n]["file"]))
+            for n in range(len(plans))
+        ]
+        self.tasks_total += len(checks)
+        stored = {}
+        for name, found in engine.run(checks):
+            stored[int(name.split("-")[1])] = found
+            self.tasks_done += 1
         shards = []
         for number in range(len(plans)):
-            info = infos[number]
-            size = self.out_area.size(info["file"])
-            if size != info["stored_bytes"]:
+            info, found = infos[number], stored[number]
+            wrote = (info["stored_bytes"], info["hash"]["xxh3_64"])
+            if (found["stored_bytes"], found["xxh3_64"]) != wrote:
+                self.work_area.delete(f"shards/{number:06d}.json")  # a re-run writes it again
                 raise ConvertError(
-                    f"OUT {self.options.out}: shard {info['file']} holds {size} bytes, its "
-                    f"task wrote {info['stored_bytes']}; run the same command again"
+                    f"OUT {self.options.out}: shard {info['file']} holds {found['stored_bytes']} "
+                    f"bytes with xxh3-64 {found['xxh3_64']}, its task wrote {wrote[0]} bytes "
+                    f"with {wrote[1]}; run the same command again"
                 )
             shards.append(
                 ShardInfo(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from streamshards.columns import parse_column_type
 from streamshards.convert.area import Area
@@ -43,6 +44,7 @@ FAULT_DIR_ENV = "STREAMSHARDS_CONVERT_FAULT_DIR"
 MAX_RANGES = 32
 MIN_BUCKETS, MAX_BUCKETS, BUCKET_INPUT_BYTES = 4, 64, 4 << 30
 RANGE_UNITS = 8
+CHECK_BLOCK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -325,6 +327,18 @@ def write_shard_task(
     info = ShardInfo(name, plan.samples, raw_bytes, stored_bytes, digest, compression)
     spec.work.write(result_name, json.dumps(info.to_dict()).encode("utf-8"))
     return info.to_dict()
+
+
+def check_shard_task(area: Area, name: str) -> dict:
+    """Phase 4, after the writes: the size and xxh3-64 of shard ``name`` as OUT holds it, read
+    back on a node (never through the driver), for the driver to compare with the index."""
+    digest = xxhash.xxh3_64()
+    size = 0
+    with area.fetched(name) as path, open(path, "rb") as f:
+        while block := f.read(CHECK_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return {"file": name, "stored_bytes": size, "xxh3_64": digest.hexdigest()}
 
 
 def shard_values(

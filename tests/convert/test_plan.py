@@ -301,3 +301,45 @@ def test_merge_on_the_engine_writes_the_bytes_of_merge(tmp_path):
         engine.close()
     one = dataset_files(tmp_path / "one")
     assert len(one) > 4 and dataset_files(tmp_path / "tasks") == one
+
+
+class _TamperingEngine(LocalEngine):
+    """The local engine, except that a byte of shard 1 in OUT changes (same size) once every
+    shard is written and before the driver's read-back checks run."""
+
+    def __init__(self, out: Path):
+        super().__init__(2)
+        self.out = out
+
+    def run(self, tasks):
+        if tasks and tasks[0].name.startswith("check-"):
+            (shard,) = self.out.glob("shard.000001.ssd*")
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            shard.write_bytes(bytes(data))
+        return super().run(tasks)
+
+
+def test_a_shard_changed_in_out_after_its_task_is_named_and_a_rerun_writes_it_again(tmp_path):
+    """The driver reads every shard back (a task per shard) before the index: a shard whose
+    bytes are not what its task wrote stops the job, naming it; the same command again
+    rewrites that shard and gives the bytes of a local run."""
+    docs = sample_docs(200)
+    common = dict(
+        inputs=[str(write_jsonl(tmp_path / "a.jsonl", docs))], unit_size="8KB", size_limit="20KB"
+    )
+    convert(ConvertOptions(out=str(tmp_path / "local"), workers=1, **common))
+    out = tmp_path / "engine"
+    engine = _TamperingEngine(out)
+    try:
+        with pytest.raises(ConvertError, match=r"shard shard\.000001\.ssd\.zst holds \d+ bytes"):
+            DistributedJob(ConvertOptions(out=str(out), **common), engine=engine).run()
+    finally:
+        engine.close()
+    assert not (out / "index.json").exists()
+    engine = LocalEngine(2)
+    try:
+        DistributedJob(ConvertOptions(out=str(out), **common), engine=engine).run()
+    finally:
+        engine.close()
+    assert dataset_files(out) == dataset_files(tmp_path / "local")
