@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,6 +11,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from trainer_helpers import train, write_token_data  # noqa: E402
+
+# The S3 server fixtures of tests/remote (s3_server, s3_bucket), shared rather than copied.
+_spec = importlib.util.spec_from_file_location(
+    "remote_conftest", Path(__file__).parents[1] / "remote" / "conftest.py"
+)
+_remote = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_remote)
+s3_server = _remote.s3_server
+s3_bucket = _remote.s3_bucket
 
 
 @pytest.fixture(scope="session")

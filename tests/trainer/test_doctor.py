@@ -3,7 +3,6 @@ dataset, a read-only checkpoint folder or a hung all-reduce fails naming the ran
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -31,15 +30,6 @@ from trainer.doctor import (
 # busy machine, short where a test waits for it to pass.
 LIMIT = 10
 HANG_LIMIT = 2
-
-# The S3 server fixtures of tests/remote (s3_server, s3_bucket), shared rather than copied.
-_spec = importlib.util.spec_from_file_location(
-    "remote_conftest", Path(__file__).parents[1] / "remote" / "conftest.py"
-)
-_remote = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_remote)
-s3_server = _remote.s3_server
-s3_bucket = _remote.s3_bucket
 
 
 def doctor_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:

@@ -3,7 +3,6 @@ started later; the run continues on the world sizes it has and ends with the rig
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -232,15 +231,6 @@ def test_a_shared_torchrun_store_is_prefixed_by_attempt_and_warned_about_on_seve
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # trainer.launch
     assert _attempt_store(timedelta(seconds=10)) is None
 
-
-# The S3 server fixtures of tests/remote (s3_server, s3_bucket), shared rather than copied.
-_spec = importlib.util.spec_from_file_location(
-    "remote_conftest", Path(__file__).parents[1] / "remote" / "conftest.py"
-)
-_remote = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_remote)
-s3_server = _remote.s3_server
-s3_bucket = _remote.s3_bucket
 
 # Rendezvous ranks follow the agents' addresses in sorted order: a machine at LOW_ADDR holds
 # rank 0 whenever it is in the world, so the tests choose where rank 0 is, and where it moves.

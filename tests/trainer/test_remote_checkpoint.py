@@ -4,7 +4,6 @@ uploads run beside training."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import time
 from pathlib import Path
@@ -15,15 +14,6 @@ from trainer_helpers import command, events, kill_all, losses, start, train, wai
 
 from trainer.config import ConfigError, load_config
 from trainer.faults import SLOW_UPLOAD_S
-
-# The S3 server fixtures of tests/remote (s3_server, s3_bucket), shared rather than copied.
-_spec = importlib.util.spec_from_file_location(
-    "remote_conftest", Path(__file__).parents[1] / "remote" / "conftest.py"
-)
-_remote = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_remote)
-s3_server = _remote.s3_server
-s3_bucket = _remote.s3_bucket
 
 
 def bucket_keys(bucket: str, prefix: str) -> list[str]:
