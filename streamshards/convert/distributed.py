@@ -1,9 +1,10 @@
 """Convert on an engine (``--engine ray``): the same bytes as a local run, in four phases.
 
-1. One task per input file (or byte range) reads that file itself, cuts it into the same units
-   as a local run and writes each unit's spill file (reusing spills already there); it
-   returns the file's hash and, per unit, its counts and per-document token lengths (or
-   sample sizes); with --dedup it writes the documents' keys into hash-bucket files.
+1. One task per input file (or byte range, or run of Parquet row groups) reads that file
+   itself, cuts it into the same units as a local run and writes each unit's spill file
+   (reusing spills already there); it returns the file's hash and, per unit, its counts and
+   per-document token lengths (or sample sizes); with --dedup it writes the documents' keys
+   into hash-bucket files.
 2. With --dedup, one task per bucket finds the later occurrences of each key, in input order.
 3. The driver plans shard boundaries from the prefix sums (``plan.py``): no input or token
    bytes pass through it.
@@ -53,10 +54,10 @@ from streamshards.convert.tasks import (
     Attempt,
     ReadSpec,
     ShardSpec,
-    byte_ranges,
     check_shard_task,
     dedup_bucket_task,
     dedup_buckets,
+    file_ranges,
     join_ranges,
     read_file_task,
     read_result,
@@ -231,11 +232,11 @@ class DistributedJob(ConvertJob):
             self.buckets,
         )
         parts: dict[tuple[int, int], dict] = {}
-        ranges = [byte_ranges(f, self.unit_bytes, self.options.txt_per_line) for f in self.inputs]
+        ranges = [file_ranges(f, self.unit_bytes, self.options.txt_per_line) for f in self.inputs]
         tasks = []
         self.part_names = []
         for number, source in enumerate(self.inputs):
-            for r, byte_range in enumerate(ranges[number]):
+            for r, part_range in enumerate(ranges[number]):
                 part = f"{number:06d}" + (f"-{r:03d}" if len(ranges[number]) > 1 else "")
                 self.part_names.append(part)
                 result_name = f"files/{part}.npz"
@@ -248,7 +249,7 @@ class DistributedJob(ConvertJob):
                 absolute = source
                 if not is_remote(source.path):
                     absolute = replace(source, path=os.path.abspath(source.path))
-                args = (absolute, number, spec, result_name, self._attempt(name), byte_range)
+                args = (absolute, number, spec, result_name, self._attempt(name), part_range)
                 tasks.append(Task(name, read_file_task, args))
         bytes_done = sum(self.inputs[n].size // len(ranges[n]) for n, _ in parts)
         documents = tokens = 0

@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import zlib
+from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -214,7 +215,7 @@ class Parquet(InputFormat):
         txt_per_line: bool,
         report: FileReport,
     ) -> Iterator[Unit]:
-        yield from _parquet_units(source, file_number, unit_bytes, report)
+        yield from parquet_units(source, file_number, unit_bytes, report)
 
     def records(
         self, payload: list, path: str, first_line: int, rules: DocumentRules, bad: Bad
@@ -533,33 +534,95 @@ def _trusted_bytes(stream, err: BaseException) -> int | None:
     return stream.verified
 
 
-def _parquet_units(
-    source: InputFile, file_number: int, unit_bytes: int, report: FileReport
-) -> Iterator[Unit]:
-    """Units of a fixed number of rows; values come through pyarrow as Python objects."""
+def _parquet_module(path: str):
+    """``pyarrow.parquet``, or a ConvertError naming ``path`` and the extra to install."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ConvertError(
-            f"{source.path}: reading Parquet needs pyarrow: pip install 'streamshards[parquet]'"
+            f"{path}: reading Parquet needs pyarrow: pip install 'streamshards[parquet]'"
         ) from None
-    hasher = xxhash.xxh3_64()
-    with open(source.path, "rb") as f:
-        while block := f.read(_BLOCK):
-            hasher.update(block)
-    report.xxh3_64 = hasher.hexdigest()
-    rows = max(1, unit_bytes // PARQUET_ROW_BYTES)
+    return pq
+
+
+def parquet_unit_rows(unit_bytes: int) -> int:
+    """The rows of one Parquet unit for a unit size in bytes."""
+    return max(1, unit_bytes // PARQUET_ROW_BYTES)
+
+
+def parquet_row_groups(path: str) -> list[int]:
+    """The row count of each row group of a local Parquet file (read from its footer)."""
+    pq = _parquet_module(path)
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except (OSError, ValueError) as err:
+        raise ConvertError(f"{path}: unreadable Parquet file: {err}") from None
+    return [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+
+
+def parquet_units(
+    source: InputFile,
+    file_number: int,
+    unit_bytes: int,
+    report: FileReport,
+    row_groups: tuple[int, int | None] = (0, None),
+) -> Iterator[Unit]:
+    """Units of a fixed number of rows counted from the file's start (a unit may span row
+    groups); values come through pyarrow as Python objects.
+
+    With ``row_groups`` (first, stop), only the units that start in those row groups, read on
+    into later groups to finish the last one; a range to the file's end hashes the whole file.
+    """
+    pq = _parquet_module(source.path)
+    first, stop = row_groups
+    if stop is None:
+        hasher = xxhash.xxh3_64()
+        with open(source.path, "rb") as f:
+            while block := f.read(_BLOCK):
+                hasher.update(block)
+        report.xxh3_64 = hasher.hexdigest()
+    rows = parquet_unit_rows(unit_bytes)
     try:
         parquet = pq.ParquetFile(source.path)
-        number, line = 0, 1
-        for batch in parquet.iter_batches(batch_size=rows):
-            records = batch.to_pylist()
-            yield Unit(file_number, number, line, records, source.size)
-            number += 1
-            line += len(records)
+        metadata = parquet.metadata
+        starts = [0]
+        for g in range(metadata.num_row_groups):
+            starts.append(starts[-1] + metadata.row_group(g).num_rows)
+        stop = metadata.num_row_groups if stop is None else stop
+        number, end = -(-starts[first] // rows), -(-starts[stop] // rows)
+        group = max(0, bisect_right(starts, number * rows) - 1)
+        if number < end:
+            batches = parquet.iter_batches(
+                batch_size=rows, row_groups=list(range(group, metadata.num_row_groups))
+            )
+            skip = number * rows - starts[group]
+            for records in _row_slices(batches, skip, rows, end - number):
+                yield Unit(file_number, number, number * rows + 1, records, source.size)
+                number += 1
     except (OSError, ValueError) as err:
         raise ConvertError(f"{source.path}: unreadable Parquet file: {err}") from None
-    report.units = number
+    if row_groups[1] is None:
+        report.units = -(-starts[-1] // rows)
+
+
+def _row_slices(batches: Iterator, skip: int, rows: int, count: int) -> Iterator[list]:
+    """``count`` runs of ``rows`` rows (the file's last run may be shorter) as lists of dicts,
+    from the rows of record ``batches`` after the first ``skip``; whatever pyarrow's batches."""
+    import pyarrow as pa
+
+    pending = None
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        pending = table if pending is None else pa.concat_tables([pending, table])
+        dropped = min(skip, pending.num_rows)
+        pending, skip = pending.slice(dropped), skip - dropped
+        while count and pending.num_rows >= rows:
+            yield pending.slice(0, rows).to_pylist()
+            pending, count = pending.slice(rows), count - 1
+        if not count:
+            return
+    if pending is not None and pending.num_rows:
+        yield pending.to_pylist()
 
 
 def find_any_inputs(specs: list[str]) -> list[InputFile]:

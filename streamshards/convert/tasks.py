@@ -1,10 +1,11 @@
 """The tasks of an engine convert (``distributed.py``): plain functions of plain arguments.
 
-``read_file_task`` cuts one input file (or a byte range of it) into the units of a local run
-and writes each unit's spill file; ``write_shard_task`` builds one planned shard from the
-spills it overlaps and writes it into OUT. Both write only deterministic names, each whole or
-not at all, and record their result in the work area, so any number of attempts of one task
-leave the same bytes and a re-run skips finished tasks.
+``read_file_task`` cuts one input file (or a part of it: a byte range of a line file, a run of
+row groups of a Parquet file) into the units of a local run and writes each unit's spill
+file; ``write_shard_task`` builds one planned shard from the spills it overlaps and writes it
+into OUT. Both write only deterministic names, each whole or not at all, and record their
+result in the work area, so any number of attempts of one task leave the same bytes and a
+re-run skips finished tasks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,7 +27,16 @@ from streamshards.columns import parse_column_type
 from streamshards.convert.area import Area
 from streamshards.convert.engine import RetryableTaskError
 from streamshards.convert.errors import ConvertError
-from streamshards.convert.inputs import FileReport, InputFile, fetch_input, read_units
+from streamshards.convert.inputs import (
+    FileReport,
+    InputFile,
+    Unit,
+    fetch_input,
+    parquet_row_groups,
+    parquet_unit_rows,
+    parquet_units,
+    read_units,
+)
 from streamshards.convert.plan import ShardPlan, sample_bytes, token_rows, token_stream
 from streamshards.convert.spill import read_spill
 from streamshards.convert.worker import UnitProcessor, WorkerSetup
@@ -111,13 +122,10 @@ def read_file_task(
     spec: ReadSpec,
     result_name: str,
     attempt: Attempt,
-    byte_range: tuple[int, int | None] = (0, None),
+    part: tuple[int, int | None] = (0, None),
 ) -> dict:
-    """Phase 1: cut one file into units, write missing spills, return per-unit counts.
-
-    With a byte range, only the units starting inside it are processed; the file is still
-    cut from its start (finding newlines costs little next to tokenizing), so units are the
-    same as a local run's, and the last range reads on to the end to hash the whole file.
+    """Phase 1: cut one file (or the ``part`` of it from ``file_ranges``) into units, write
+    missing spills, return per-unit counts; the units are those of a local run (``_part_units``).
     """
     _begin(attempt, spec.work)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one task is one core
@@ -129,13 +137,7 @@ def read_file_task(
     fetched = fetch_input(source) if is_remote(source.path) else None
     reading = source if fetched is None else replace(source, path=fetched)
     try:
-        for unit in read_units(reading, number, spec.unit_bytes, spec.txt_per_line, report):
-            if byte_range != (0, None):  # only line files are cut into ranges
-                unit_start = unit.end_offset - len(unit.payload)
-                if byte_range[1] is not None and unit_start >= byte_range[1]:
-                    break
-                if unit_start < byte_range[0]:
-                    continue
+        for unit in _part_units(reading, number, spec, report, part):
             if unit.read_error and spec.on_error == "fail":
                 error = unit.read_error.replace(reading.path, source.path)
                 return {"error": f"{error} (use --on-error skip to keep what was readable)"}
@@ -230,13 +232,34 @@ def dedup_bucket_task(
     return duplicates
 
 
+def _part_units(
+    source: InputFile, number: int, spec: ReadSpec, report: FileReport, part: tuple[int, int | None]
+) -> Iterator[Unit]:
+    """The units of a local run that start in ``part``: a Parquet task reads from its first
+    row group on; a byte-range task still cuts the file from its start (finding newlines costs
+    little next to tokenizing). The part that runs to the file's end hashes the whole file."""
+    if source.kind == "parquet":
+        yield from parquet_units(source, number, spec.unit_bytes, report, part)
+        return
+    units = read_units(source, number, spec.unit_bytes, spec.txt_per_line, report)
+    if part == (0, None):
+        yield from units
+        return
+    for unit in units:
+        unit_start = unit.end_offset - len(unit.payload)
+        if part[1] is not None and unit_start >= part[1]:
+            return
+        if unit_start >= part[0]:
+            yield unit
+
+
 def _temporary(name: str) -> Path:
     """A local file name for output on its way to a remote area."""
     return Path(tempfile.gettempdir()) / f"streamshards-{os.getpid()}-{name}.npz"
 
 
 def join_ranges(parts: list[dict]) -> dict:
-    """One file's result from the results of its byte-range tasks, in range order."""
+    """One file's result from the results of its part tasks (``file_ranges``), in order."""
     units, arrays = [], {}
     for part in parts:
         for k, unit in enumerate(part["meta"]["units"]):
@@ -247,6 +270,35 @@ def join_ranges(parts: list[dict]) -> dict:
     reused = sum(part["meta"]["reused"] for part in parts)
     meta = {"report": parts[-1]["meta"]["report"], "units": units, "reused": reused}
     return {"meta": meta, "arrays": arrays}
+
+
+def file_ranges(source: InputFile, unit_bytes: int, txt_per_line: bool) -> list[tuple]:
+    """The parts of one file, one read task each: row groups of a local Parquet file, byte
+    ranges of a large uncompressed line file, else the whole file."""
+    if source.kind == "parquet" and not is_remote(source.path):
+        return row_group_ranges(source, unit_bytes)
+    return byte_ranges(source, unit_bytes, txt_per_line)
+
+
+def row_group_ranges(source: InputFile, unit_bytes: int) -> list[tuple]:
+    """Runs of row groups of a local Parquet file with many units (else the whole file).
+
+    At most MAX_RANGES runs of about equal rows and at least RANGE_UNITS units each; a run's
+    task reads its own row groups, and on into the next to finish its last unit.
+    """
+    try:
+        groups = parquet_row_groups(source.path)
+    except ConvertError:
+        return [(0, None)]  # the file's one task meets the error as a local run does
+    starts = np.concatenate([[0], np.cumsum(groups, dtype=np.int64)])
+    units = -(-int(starts[-1]) // parquet_unit_rows(unit_bytes))
+    count = min(MAX_RANGES, len(groups), units // RANGE_UNITS)
+    if count < 2:
+        return [(0, None)]
+    targets = [starts[-1] * r / count for r in range(1, count)]
+    cuts = sorted({int(np.searchsorted(starts, t)) for t in targets} - {0, len(groups)})
+    bounds = [0, *cuts]
+    return [(a, b) for a, b in zip(bounds, [*cuts, None])]
 
 
 def byte_ranges(source: InputFile, unit_bytes: int, txt_per_line: bool) -> list[tuple]:

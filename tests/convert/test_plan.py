@@ -27,7 +27,13 @@ from streamshards.convert import ConvertError, ConvertOptions, convert
 from streamshards.convert.area import Area
 from streamshards.convert.distributed import DistributedJob
 from streamshards.convert.engine import LocalEngine
-from streamshards.convert.inputs import find_inputs
+from streamshards.convert.inputs import (
+    FileReport,
+    find_inputs,
+    parquet_row_groups,
+    parquet_unit_rows,
+    parquet_units,
+)
 from streamshards.convert.merge_engine import merge_on_engine
 from streamshards.convert.pack import Deduper, RawPacker, TokenPacker
 from streamshards.convert.plan import (
@@ -45,6 +51,7 @@ from streamshards.convert.tasks import (
     ShardSpec,
     byte_ranges,
     dedup_bucket_task,
+    file_ranges,
     shard_values,
     unit_code,
     write_keys,
@@ -215,6 +222,47 @@ def test_the_engine_job_on_local_processes_writes_the_bytes_of_a_local_run(tmp_p
         finally:
             engine.close()
         assert engine.counts.retried == 2 and job.result.tasks_retried == 2
+        local = dataset_files(tmp_path / "local")
+        assert len(local) > 3 and dataset_files(tmp_path / "engine") == local
+        shutil.rmtree(tmp_path / "local")
+        shutil.rmtree(tmp_path / "engine")
+
+
+def test_a_parquet_file_split_by_row_groups_writes_the_bytes_of_a_local_run(tmp_path):
+    """A Parquet file of many 3-row groups, cut into 2-row units (so units span row groups
+    and task boundaries), is read by several row-group tasks; only the last hashes the file,
+    and the engine job writes the bytes of ``convert --workers 1``, raw and tokenized."""
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(sample_docs(150)), path, row_group_size=3)
+    source = find_inputs([str(path)])[0]
+    unit_bytes, rows = 6000, parquet_unit_rows(6000)
+    parts = file_ranges(source, unit_bytes, False)
+    starts = np.cumsum([0, *parquet_row_groups(str(path))])
+    assert rows == 2 and len(parts) > 2
+    assert any(starts[first] % rows for first, _ in parts)  # a unit spans two tasks' groups
+    whole = FileReport(source.size)
+    units = [(u.number, u.first_line, u.payload) for u in parquet_units(source, 0, 6000, whole)]
+    joined, reports = [], []
+    for part in parts:
+        reports.append(FileReport(source.size))
+        joined += [
+            (u.number, u.first_line, u.payload)
+            for u in parquet_units(source, 0, unit_bytes, reports[-1], part)
+        ]
+    assert joined == units and len(units) == 75
+    assert [r.xxh3_64 for r in reports] == [""] * (len(parts) - 1) + [whole.xxh3_64]
+    for options in ({"tokenizer": str(TOKENIZER), "seq_len": 64}, {"keep_fields": ["url"]}):
+        common = dict(inputs=[str(path)], unit_size=unit_bytes, size_limit="20KB")
+        convert(ConvertOptions(out=str(tmp_path / "local"), workers=1, **common, **options))
+        engine = LocalEngine(2)
+        try:
+            job = DistributedJob(
+                ConvertOptions(out=str(tmp_path / "engine"), **common, **options), engine=engine
+            )
+            job.run()
+        finally:
+            engine.close()
+        assert job.part_names == [f"000000-{r:03d}" for r in range(len(parts))]
         local = dataset_files(tmp_path / "local")
         assert len(local) > 3 and dataset_files(tmp_path / "engine") == local
         shutil.rmtree(tmp_path / "local")
