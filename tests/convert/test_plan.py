@@ -241,7 +241,9 @@ def test_a_parquet_file_split_by_row_groups_writes_the_bytes_of_a_local_run(tmp_
     assert rows == 2 and len(parts) > 2
     assert any(starts[first] % rows for first, _ in parts)  # a unit spans two tasks' groups
     whole = FileReport(source.size)
-    units = [(u.number, u.first_line, u.payload) for u in parquet_units(source, 0, 6000, whole)]
+    units = [
+        (u.number, u.first_line, u.payload) for u in parquet_units(source, 0, unit_bytes, whole)
+    ]
     joined, reports = [], []
     for part in parts:
         reports.append(FileReport(source.size))
