@@ -18,6 +18,7 @@ import platform
 import secrets
 import shutil
 import socket
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -190,10 +191,25 @@ def check_checkpoint_folder(config: dict[str, Any], params: int | None) -> Resul
     if params is None:
         return Result(OK, f"{where} writable, {_size(free)} free (model size unknown)")
     one = CHECKPOINT_BYTES_PER_PARAM * params
-    held = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    held = _folder_bytes(folder)
     need = max((config["keep_last"] + 1) * one - held, 0)
     detail = f"{_size(free)} free, {config['keep_last'] + 1} x {_size(one)} needs {_size(need)}"
     return Result(OK if free >= need else FAIL, f"{where} writable; {detail}")
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder``; a file that goes while it is counted (another
+    rank's probe, a checkpoint being replaced) counts as gone."""
+    held = 0
+    for root, _, files in os.walk(folder):  # os.walk skips folders that go meanwhile
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                held += info.st_size
+    return held
 
 
 def check_gpu_memory(device: torch.device, params: int | None, world_size: int) -> Result:

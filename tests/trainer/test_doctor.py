@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from trainer.doctor import (
     CONFIG_ERROR,
     EXIT_CODE,
     INJECT_ENV,
+    _folder_bytes,
     report,
 )
 
@@ -241,3 +243,31 @@ def test_a_clock_past_the_tolerance_fails_that_rank() -> None:
     assert report(store, world_size=3, limit=0.1) == EXIT_CODE
     store.set("clock/2", repr(1000.0 + CLOCK_TOLERANCE_S / 2))
     assert report(store, world_size=3, limit=0.1) == 0
+
+
+def test_counting_the_checkpoint_folder_survives_files_and_folders_going_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """Every rank writes and deletes its probe in the same folder while the others count it:
+    a file or folder that goes during the count is not an error (it was one, on a busy CI)."""
+    (tmp_path / "kept").write_bytes(b"k" * 100)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            folder = tmp_path / "step"
+            folder.mkdir()
+            for k in range(20):
+                (folder / f"f{k}").write_bytes(b"x")
+            for k in range(20):
+                (folder / f"f{k}").unlink()
+            folder.rmdir()
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        counts = {_folder_bytes(tmp_path) for _ in range(300)}
+    finally:
+        stop.set()
+        worker.join()
+    assert min(counts) == 100 and max(counts) <= 120
