@@ -63,6 +63,19 @@ class ShardInfo:
             "compression": self.compression,
         }
 
+    @classmethod
+    def from_dict(cls, entry: dict) -> ShardInfo:
+        """The inverse of ``to_dict``, for entries this package wrote itself (an engine task's
+        result); an index read from disk goes through ``load_index``'s checks instead."""
+        return cls(
+            entry["file"],
+            entry["samples"],
+            entry["raw_bytes"],
+            entry["stored_bytes"],
+            entry["hash"]["xxh3_64"],
+            entry["compression"],
+        )
+
 
 @dataclass
 class Index:

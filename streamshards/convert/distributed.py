@@ -455,16 +455,7 @@ class DistributedJob(ConvertJob):
                     f"bytes with xxh3-64 {found['xxh3_64']}, its task wrote {wrote[0]} bytes "
                     f"with {wrote[1]}; run the same command again"
                 )
-            shards.append(
-                ShardInfo(
-                    info["file"],
-                    info["samples"],
-                    info["raw_bytes"],
-                    info["stored_bytes"],
-                    info["hash"]["xxh3_64"],
-                    info["compression"],
-                )
-            )
+            shards.append(ShardInfo.from_dict(info))
         return shards
 
     def _publish(self, shards: list[ShardInfo], start: float) -> None:

@@ -127,19 +127,7 @@ def merge_on_engine(
     finally:
         if runner is not engine:
             runner.close()
-    shards = []
-    for task in tasks:
-        info = written[task.name]
-        shards.append(
-            ShardInfo(
-                info["file"],
-                info["samples"],
-                info["raw_bytes"],
-                info["stored_bytes"],
-                info["hash"]["xxh3_64"],
-                info["compression"],
-            )
-        )
+    shards = [ShardInfo.from_dict(written[task.name]) for task in tasks]
     provenance = {"tool": f"streamshards {__version__}", "created": creation_time()}
     provenance["parts"] = [index.provenance for index in indexes]
     index = Index(columns, shards, provenance)
