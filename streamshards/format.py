@@ -160,7 +160,10 @@ def decompress(stored: bytes | memoryview, raw_bytes: int, name: str) -> memoryv
     """
     stored = memoryview(stored)
     most = _frame_bounds(stored, name)
-    declared = zstandard.frame_content_size(stored)
+    try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError as err:  # e.g. a reserved bit set in the frame header
+        raise ShardError(f"shard {name}: bad zstd frame header: {err}") from None
     if declared not in (-1, raw_bytes):
         raise ShardError(
             f"shard {name}: frame declares {declared} raw bytes, index field raw_bytes says "
