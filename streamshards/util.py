@@ -72,12 +72,18 @@ def parse_size(size: int | str | None) -> int | None:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-def human_size(n: float, unit: str = "B") -> str:
-    """``n`` with a decimal prefix for people: ``812 B``, ``1.5 MB``, ``3.2 Ktok``."""
-    for prefix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000 or prefix == "T":
+DECIMAL_PREFIXES = ("", "K", "M", "G", "T")
+BINARY_PREFIXES = ("", "Ki", "Mi", "Gi", "Ti")
+
+
+def human_size(n: float, unit: str = "B", *, binary: bool = False) -> str:
+    """``n`` with a prefix for people: ``812 B``, ``1.5 MB``, ``3.2 Ktok``; ``binary`` steps by
+    1024 (``12.8 MiB``), as memory and disk sizes are usually read."""
+    step, prefixes = (1024, BINARY_PREFIXES) if binary else (1000, DECIMAL_PREFIXES)
+    for prefix in prefixes:
+        if abs(n) < step or prefix == prefixes[-1]:
             return f"{n:.0f} {unit}" if not prefix else f"{n:.1f} {prefix}{unit}"
-        n /= 1000
+        n /= step
     return str(n)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from streamshards.util import human_size
 from trainer.config import ConfigError, load_config
 from trainer.fsdp import init_distributed
 from trainer.model import ModelConfig, count_params
@@ -420,16 +421,6 @@ def _injected(kind: str, rank: int) -> bool:
     return f"{kind}@{rank}" in os.environ.get(INJECT_ENV, "").split(",")
 
 
-def _size(count: float) -> str:
-    """A byte count in binary units (``12.8 MiB``)."""
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    power = 0
-    while count >= 1024 and power < len(units) - 1:
-        count /= 1024
-        power += 1
-    return f"{count:.0f} B" if power == 0 else f"{count:.1f} {units[power]}"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Check this rank as the config in ``argv`` says; the exit code (0, 2 or EXIT_CODE)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -445,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(code)  # a hung collective may hold the process group
     dist.destroy_process_group()
     return 0
+
+
+def _size(count: float) -> str:
+    """A byte count in binary units (``12.8 MiB``), as disk and GPU memory are quoted."""
+    return human_size(count, binary=True)
 
 
 if __name__ == "__main__":
