@@ -124,24 +124,19 @@ class DistributedJob(ConvertJob):
             for f in self.inputs
         ]
 
-    def _already_done(self) -> bool:
-        """True when OUT already holds this very job's dataset (a re-run after success)."""
+    def _existing_provenance(self) -> dict | None:
+        """As ConvertJob's, read through the OUT area (a shared folder or a bucket prefix)."""
         data = self.out_area.read(INDEX_NAME)
         if data is None:
-            return False
+            return None
         try:
-            provenance = parse_index_bytes(data, self.out_area.url(INDEX_NAME)).provenance
+            return parse_index_bytes(data, self.out_area.url(INDEX_NAME)).provenance
         except (IndexFormatError, ValueError):
-            provenance = {}
-        if provenance.get("job") == self.job_id:
-            self.work_area.remove_all(WORK_FOLDERS)
-            self.result.already_done = True
-            return True
-        if not self.options.overwrite:
-            raise ConvertError(
-                f"{self.options.out} already holds a dataset; pass --overwrite to replace it"
-            )
-        return False
+            return {}
+
+    def _remove_work(self) -> None:
+        """The work area's folders, wherever the area is."""
+        self.work_area.remove_all(WORK_FOLDERS)
 
     def _open_work(self) -> None:
         """Start or resume this job's work area (wiping one of a different job)."""

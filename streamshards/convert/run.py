@@ -192,22 +192,33 @@ class ConvertJob:
         return self.result
 
     def _already_done(self) -> bool:
-        """True when OUT already holds this very job's dataset (a re-run after success)."""
-        if not (self.out / INDEX_NAME).exists():
+        """True when OUT already holds this very job's dataset (a re-run after success);
+        another dataset there is refused unless ``--overwrite``."""
+        provenance = self._existing_provenance()
+        if provenance is None:
             return False
-        try:
-            provenance = load_index(self.out).provenance
-        except (IndexFormatError, OSError):
-            provenance = {}
         if provenance.get("job") == self.job_id:
-            self.work.remove()
+            self._remove_work()
             self.result.already_done = True
             return True
         if not self.options.overwrite:
             raise ConvertError(
-                f"{self.out} already holds a dataset; pass --overwrite to replace it"
+                f"{self.options.out} already holds a dataset; pass --overwrite to replace it"
             )
         return False
+
+    def _existing_provenance(self) -> dict | None:
+        """The provenance of the dataset in OUT ({} if unreadable), None if there is none."""
+        if not (self.out / INDEX_NAME).exists():
+            return None
+        try:
+            return load_index(self.out).provenance
+        except (IndexFormatError, OSError):
+            return {}
+
+    def _remove_work(self) -> None:
+        """The job's work folder, once OUT is known to be complete."""
+        self.work.remove()
 
     def _executor(self):
         workers = self.options.workers or os.cpu_count() or 1

@@ -43,6 +43,7 @@ from streamshards.convert.plan import (
     sample_bytes,
     stream_length,
 )
+from streamshards.convert.spill import WORK_NAME
 from streamshards.convert.tasks import (
     FAIL_ONCE_ENV,
     FAULT_DIR_ENV,
@@ -393,3 +394,27 @@ def test_a_shard_changed_in_out_after_its_task_is_named_and_a_rerun_writes_it_ag
     finally:
         engine.close()
     assert dataset_files(out) == dataset_files(tmp_path / "local")
+
+
+def test_the_engine_job_again_after_success_is_done_and_another_job_needs_overwrite(tmp_path):
+    """As a local run: the same job on a finished OUT does nothing and leaves no work area;
+    a different job there is refused unless ``overwrite``, which replaces the dataset."""
+    docs = sample_docs(120)
+    common = dict(
+        inputs=[str(write_jsonl(tmp_path / "a.jsonl", docs))], unit_size="8KB", size_limit="20KB"
+    )
+    out = tmp_path / "engine"
+    engine = LocalEngine(2)
+    try:
+        DistributedJob(ConvertOptions(out=str(out), **common), engine=engine).run()
+        first = dataset_files(out)
+        again = DistributedJob(ConvertOptions(out=str(out), **common), engine=engine)
+        assert again.run().already_done
+        assert dataset_files(out) == first and not (out / WORK_NAME).exists()
+        other = ConvertOptions(out=str(out), min_chars=400, **common)
+        with pytest.raises(ConvertError, match=r"already holds a dataset; pass --overwrite"):
+            DistributedJob(other, engine=engine).run()
+        DistributedJob(replace(other, overwrite=True), engine=engine).run()
+    finally:
+        engine.close()
+    assert dataset_files(out) != first
