@@ -14,6 +14,7 @@ Layout (all integers little-endian, see docs/FORMAT.md):
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ def write_shard(path: Path, chunks: list[bytes], level: int | None) -> tuple[int
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _BLOCK_MAX = 128 * 1024
+POPULATE_FROM = 1 << 20  # decompression buffers from this size are mapped in up front
 
 
 def _frame_bounds(stored: memoryview, name: str) -> int:
@@ -174,8 +176,7 @@ def decompress(stored: bytes | memoryview, raw_bytes: int, name: str) -> memoryv
             f"shard {name}: the zstd frame holds at most {most} raw bytes, index field "
             f"raw_bytes says {raw_bytes}"
         )
-    raw = np.empty(raw_bytes, dtype=np.uint8)
-    out = memoryview(raw)
+    out = memoryview(_new_buffer(raw_bytes))
     filled = 0
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False)
@@ -197,6 +198,20 @@ def decompress(stored: bytes | memoryview, raw_bytes: int, name: str) -> memoryv
             f"shard {name}: decompressed to {filled} bytes, index field raw_bytes says {raw_bytes}"
         )
     return out
+
+
+def _new_buffer(size: int) -> np.ndarray:
+    """``size`` bytes of memory to decompress into, its pages mapped in up front.
+
+    A large buffer is an anonymous map populated in one call (``MAP_POPULATE``) rather than
+    faulted in as decompression first writes it, so its cost is steady: on a virtual machine
+    whose host takes freed memory back, first-touching huge pages measured 0.40-0.46 s per
+    200 MB against 0.07 s populated (docs/FORMAT.md, "Reading").
+    """
+    if size < POPULATE_FROM or not hasattr(mmap, "MAP_POPULATE"):
+        return np.empty(size, dtype=np.uint8)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+    return np.frombuffer(mmap.mmap(-1, size, flags=flags), dtype=np.uint8)
 
 
 @dataclass

@@ -157,3 +157,34 @@ def test_fixed_arrays_are_read_only_views_of_the_shard(tmp_path: Path) -> None:
     arr = StreamingDataset(local=tmp_path)[1]["tokens"]
     assert not arr.flags.owndata and not arr.flags.writeable
     assert np.array_equal(arr, tokens[1])
+
+
+def test_a_large_zstd_shard_decompresses_into_a_populated_map_that_outlives_its_view(
+    tmp_path: Path,
+) -> None:
+    """Shards from POPULATE_FROM up decompress into an anonymous map; arrays a reader handed
+    out keep it alive and unchanged after the dataset that opened it is gone."""
+    import gc
+    import mmap
+
+    from streamshards.format import POPULATE_FROM, _new_buffer
+
+    rng = np.random.default_rng(7)
+    rows = [rng.integers(0, 2**16, 4096, dtype=np.uint16) for _ in range(300)]  # 2.4 MB raw
+    folder = write_dataset(
+        tmp_path, {"tokens": "ndarray:uint16:4096"}, [{"tokens": r} for r in rows]
+    )
+    (info,) = load_index(folder).shards
+    assert info.compression == "zstd" and info.raw_bytes >= POPULATE_FROM
+    buffer = _new_buffer(POPULATE_FROM)
+    assert len(buffer) == POPULATE_FROM
+    if hasattr(mmap, "MAP_POPULATE"):  # Linux
+        assert isinstance(buffer.base.obj, mmap.mmap)
+    ds = StreamingDataset(local=folder)
+    kept = [ds[i]["tokens"] for i in (0, 150, 299)]
+    del ds
+    gc.collect()
+    for got, i in zip(kept, (0, 150, 299)):
+        np.testing.assert_array_equal(got, rows[i])
+    batch = next(StreamingDataset(local=folder, shuffle=True, batch_size=300).iter_batches())
+    assert sorted(map(bytes, batch["tokens"])) == sorted(map(bytes, rows))
