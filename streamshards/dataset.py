@@ -22,6 +22,7 @@ import torch.distributed as dist
 import xxhash
 from torch.utils.data import IterableDataset, get_worker_info
 
+from streamshards.ahead import OpenAhead, usable_cores
 from streamshards.columns import ColumnType
 from streamshards.format import ShardView
 from streamshards.order import (
@@ -53,6 +54,10 @@ JOIN_SAMPLES = 256
 # Global positions looked up per call to the order: a lookup costs per call, so this many
 # share one, while the one chunk of lookahead stays a few hundred KiB.
 LOOKUP_CHUNK = 16384
+# Compressed local shards decompressed ahead of an in-process reader at once, each on its own
+# thread (no more threads than usable cores); together they hold at most a quarter of the
+# memory budget.
+AHEAD_THREADS = 2
 
 
 @dataclass
@@ -150,6 +155,7 @@ class StreamingDataset(IterableDataset):
         self._order: EpochOrder | None = None
         self._views: OrderedDict[tuple[int, int], ShardView] = OrderedDict()
         self._view_bytes = 0
+        self._ahead: OpenAhead | None = None
 
     @property
     def epoch(self) -> int:
@@ -210,6 +216,7 @@ class StreamingDataset(IterableDataset):
         """Open shard views (memory maps) stay behind when workers are spawned."""
         state = dict(self.__dict__)
         state["_views"], state["_view_bytes"], state["_order"] = OrderedDict(), 0, None
+        state["_ahead"] = None
         return state
 
     # Random access -------------------------------------------------------------------------
@@ -238,7 +245,10 @@ class StreamingDataset(IterableDataset):
             return view
         source = self.sources[stream]
         info = source.index.shards[shard]
-        view = source.open_view(shard)
+        ahead = self._opener()
+        view = ahead.take(key) if ahead is not None else None
+        if view is None:
+            view = source.open_view(shard)
         self._views[key] = view
         self._view_bytes += info.raw_bytes if info.compression else 0
         if source.max_open is not None:
@@ -250,6 +260,16 @@ class StreamingDataset(IterableDataset):
         ):
             self._close(next(iter(self._views)))
         return view
+
+    def _opener(self) -> OpenAhead | None:
+        """The threads that open compressed shards ahead; None in a loader worker, whose
+        siblings share the cores."""
+        if get_worker_info() is not None:
+            return None
+        if self._ahead is None:
+            threads = min(AHEAD_THREADS, usable_cores())
+            self._ahead = OpenAhead(self.sources, threads, self.memory_budget // 4)
+        return self._ahead
 
     def _close(self, key: tuple[int, int]) -> None:
         """Forget one open shard view and tell its source that this process is done with it."""
@@ -411,12 +431,25 @@ class StreamingDataset(IterableDataset):
             ]
 
     def _hint(self, located: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """Tell each source which of its shards come next, and open compressed ones ahead."""
         streams, shards, _ = located
+        ahead = self._opener()
         for k, source in enumerate(self.sources):
             wanted = shards[streams == k]
-            if len(wanted):
-                _, first = np.unique(wanted, return_index=True)
-                source.prefetch([int(s) for s in wanted[np.sort(first)]])
+            if not len(wanted):
+                continue
+            _, first = np.unique(wanted, return_index=True)
+            hinted = [int(s) for s in wanted[np.sort(first)]]
+            source.prefetch(hinted)
+            if ahead is not None and source.opens_ahead:
+                infos = source.index.shards
+                ahead.want(
+                    [
+                        ((k, s), infos[s].raw_bytes)
+                        for s in hinted
+                        if infos[s].compression and (k, s) not in self._views
+                    ]
+                )
 
     def iter_batches(
         self, cursor: Cursor | None = None, *, join: int = 1

@@ -21,6 +21,9 @@ class ShardSource:
     #: How many shards one reader may keep open at once; ``None`` means no limit beyond the
     #: dataset's memory budget. A bounded cache sets it so that readers leave room to evict.
     max_open: int | None = None
+    #: Whether ``open_view`` may run on another thread ahead of use (``streamshards.ahead``):
+    #: true for native shards read in place, where it only reads and decompresses a file.
+    opens_ahead: bool = False
     #: The MDS or LitData reader of a foreign dataset; ``None`` for a native one.
     foreign: ForeignFormat | None = None
 

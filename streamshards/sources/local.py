@@ -26,6 +26,7 @@ class LocalSource(ShardSource):
             return
         self.index, self.foreign = read_index(path.read_bytes(), str(path), options)
         self.complete_foreign()
+        self.opens_ahead = self.foreign is None
 
     def path(self, shard: int) -> Path:
         return self.folder / self.index.shards[shard].file
