@@ -401,9 +401,12 @@ class StreamingDataset(IterableDataset):
 
     # Iteration -----------------------------------------------------------------------------
 
-    def position_runs(self, cursor: Cursor, max_run: int = 1) -> Iterator[list[np.ndarray]]:
+    def position_runs(
+        self, cursor: Cursor, max_run: int = 1, joined: bool = False
+    ) -> Iterator[list[np.ndarray]]:
         """Global positions of each batch this rank and data-loader worker reads from ``cursor``,
-        in runs of consecutive batches (``order.worker_blocks``; single batches by default).
+        in runs of consecutive batches (``order.worker_blocks``; single batches by default);
+        ``joined`` gives each run as one array rather than one per batch.
 
         The runs are dealt to workers in turn, which is the order in which a DataLoader collects
         them, so the batches do not depend on ``num_workers``.
@@ -425,6 +428,9 @@ class StreamingDataset(IterableDataset):
         )
         rank_end = end if first < end else first
         for start, count in worker_blocks(num_batches, worker, workers, max_run):
+            if joined:
+                yield [batch_positions(first, start, rank_end, world_size, self.batch_size, count)]
+                continue
             yield [
                 batch_positions(first, batch, rank_end, world_size, self.batch_size)
                 for batch in range(start, start + count)
@@ -462,9 +468,13 @@ class StreamingDataset(IterableDataset):
         """
         own = cursor is None
         cursor = self.cursor if cursor is None else cursor
-        batches = (b for run in self.position_runs(cursor) for b in run)
-        first = list(islice(batches, 1))  # read alone, so the first batch waits on one batch
-        reads = chain([first] if first else [], iter(lambda: list(islice(batches, join)), []))
+        info = get_worker_info()
+        if info is None or info.num_workers == 1:  # every batch is ours: runs of ``join``
+            reads = self.position_runs(cursor, join, joined=True)
+        else:
+            batches = (b for run in self.position_runs(cursor) for b in run)
+            first = list(islice(batches, 1))  # read alone: the first batch waits on one batch
+            reads = chain([first] if first else [], iter(lambda: list(islice(batches, join)), []))
         yield from self._read_units(cursor, reads)
         if own and get_worker_info() is None:
             self.cursor = cursor.next_epoch()

@@ -260,9 +260,10 @@ def worker_blocks(
 
 
 def batch_positions(
-    first: int, batch: int, rank_end: int, world_size: int, batch_size: int
+    first: int, batch: int, rank_end: int, world_size: int, batch_size: int, count: int = 1
 ) -> np.ndarray:
-    """Global positions of a rank's ``batch``-th batch (its positions step by world size)."""
+    """Global positions of a rank's ``batch``-th batch and the ``count - 1`` after it, in order
+    (a rank's positions step by world size, and each batch starts where the last one ended)."""
     lo = first + batch * batch_size * world_size
-    hi = min(lo + batch_size * world_size, rank_end)
+    hi = min(lo + count * batch_size * world_size, rank_end)
     return np.arange(lo, hi, world_size, dtype=np.int64)

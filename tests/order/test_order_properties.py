@@ -103,6 +103,22 @@ def test_ranks_cover_each_position_once(epoch_size, world, batch, drop_last, sta
     assert end >= epoch_size - epoch_size % (batch * world)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 500), st.integers(1, 9), st.integers(1, 9), st.integers(1, 40), st.data())
+def test_a_run_of_batches_is_its_batches_in_order(epoch_size, world, batch, run, data):
+    """batch_positions(..., count) equals the ``count`` batches from ``batch`` concatenated,
+    up to the rank's end: the in-process reader reads runs of batches as one."""
+    end = epoch_end(epoch_size, batch * world, world, False)
+    rank = data.draw(st.integers(0, world - 1))
+    first, count = rank_batches(0, end, rank, world, batch)
+    rank_end = end if first < end else first
+    start = data.draw(st.integers(0, max(0, count - 1)))
+    joined = batch_positions(first, start, rank_end, world, batch, run)
+    single = [batch_positions(first, b, rank_end, world, batch) for b in range(start, count)]
+    expected = np.concatenate(single[:run]) if single else np.zeros(0, dtype=np.int64)
+    assert joined.tolist() == expected.tolist()
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 10**6), st.sampled_from([1, 2, 4, 8]), st.integers(0, 3))
 def test_each_rank_reads_about_its_share_of_shards(seed, world, epoch):
