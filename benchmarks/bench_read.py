@@ -2,7 +2,8 @@
 
 Each row is one epoch, in-process (``iter_batches``) or through ``StreamingDataLoader`` with
 0, 1 or 2 workers, shuffled or not, printed beside the limits measured in the same run:
-numpy copying the same shard bytes out of a memory map, and (compressed text) zstd alone.
+numpy copying the same shard bytes out of a memory map, and (compressed text) zstd alone,
+on one thread and on as many threads as an in-process reader decompresses ahead on.
 Every row is the fastest of ``--repeat`` runs, the one least disturbed by other work. A
 first epoch also hashes every shard before use (the "xxh3 verify alone" row); a second epoch
 of the same dataset finds its shards open and verified, as most of a long run does.
@@ -19,12 +20,15 @@ import mmap
 import pickle
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from streamshards import ShardWriter, StreamingDataLoader, StreamingDataset, load_index
+from streamshards.ahead import usable_cores
+from streamshards.dataset import AHEAD_THREADS
 from streamshards.format import stored_hash
 from streamshards.loader import RUN_SAMPLES
 
@@ -40,11 +44,14 @@ def make_tokens(folder: Path, megabytes: int) -> None:
             writer.write({"tokens": block[i % 1024]})
 
 
-def make_text(folder: Path, megabytes: int, compression: str | None = "zstd") -> None:
+def make_text(
+    folder: Path, megabytes: int, compression: str | None = "zstd", shard_mb: int = 64
+) -> None:
     rng = np.random.default_rng(1)
     words = [f"w{i}" * (1 + i % 3) for i in range(5000)]
     written = 0
-    with ShardWriter(folder, {"text": "str"}, compression=compression) as writer:
+    limit = shard_mb * 10**6
+    with ShardWriter(folder, {"text": "str"}, compression=compression, size_limit=limit) as writer:
         while written < megabytes * 10**6:
             # C4-like lengths: a log-normal around 400 words, about 2 KB a document
             length = int(min(20000, max(5, rng.lognormal(5.3, 0.9))))
@@ -84,16 +91,17 @@ def verify_time(folder: Path) -> float:
     return time_mapped(folder, stored_hash)
 
 
-def zstd_limit(folder: Path) -> float:
-    """Seconds for zstd alone to decompress every shard (the floor for compressed text)."""
+def zstd_limit(folder: Path, threads: int = 1) -> float:
+    """Seconds for zstd alone to decompress every shard on ``threads`` threads (the floor for
+    compressed text; an in-process reader decompresses on AHEAD_THREADS)."""
     import zstandard
 
     index = load_index(folder)
     blobs = [(folder / info.file).read_bytes() for info in index.shards]
-    started = time.perf_counter()
-    for blob in blobs:
-        zstandard.ZstdDecompressor().decompress(blob)
-    return time.perf_counter() - started
+    with ThreadPoolExecutor(threads) as pool:
+        started = time.perf_counter()
+        list(pool.map(lambda blob: zstandard.ZstdDecompressor().decompress(blob), blobs))
+        return time.perf_counter() - started
 
 
 def pickle_limit(folder: Path, batch: int) -> float:
@@ -144,6 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens-mb", type=int, default=256)
     parser.add_argument("--text-mb", type=int, default=128)
+    parser.add_argument("--text-shard-mb", type=int, default=64, help="raw MB per text shard")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; the fastest counts")
     parser.add_argument("--plot", help="write a bar chart PNG here")
@@ -152,8 +161,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, make, size in (
             ("tokens", make_tokens, args.tokens_mb),
-            ("text", make_text, args.text_mb),
-            ("text-raw", partial(make_text, compression=None), args.text_mb),
+            ("text", partial(make_text, shard_mb=args.text_shard_mb), args.text_mb),
+            (
+                "text-raw",
+                partial(make_text, compression=None, shard_mb=args.text_shard_mb),
+                args.text_mb,
+            ),
         ):
             folder = Path(tmp) / name
             make(folder, size)
@@ -180,6 +193,11 @@ def main() -> None:
                 unzstd = min(zstd_limit(folder) for _ in range(args.repeat))
                 rate = index.num_samples / unzstd
                 rows.append((name, "zstd alone (limit)", "+", rate, raw_mb / unzstd, None))
+                threads = min(AHEAD_THREADS, usable_cores())
+                unzstd = min(zstd_limit(folder, threads) for _ in range(args.repeat))
+                rate = index.num_samples / unzstd
+                how = f"zstd alone, {threads} thr"
+                rows.append((name, how, "+", rate, raw_mb / unzstd, None))
             if name != "tokens":  # token batches cross processes as shared-memory tensors
                 ipc = min(pickle_limit(folder, args.batch) for _ in range(args.repeat))
                 rate = index.num_samples / ipc
