@@ -32,9 +32,9 @@ class OpenAhead:
     """Views of hinted shards, opened by up to ``threads`` threads while the reader works.
 
     Shards are opened with ``sources[stream].open_view(shard)``. At most ``threads`` are being
-    opened at once, and the views opened or being opened ahead hold at most ``max_bytes`` (one
-    view whatever its size). A view opened ahead is handed over once by ``take``; an error
-    opening it is raised there, where the reader would have met it.
+    opened at once and twice that many opened or being opened ahead, holding at most
+    ``max_bytes`` (one view whatever its size). A view opened ahead is handed over once by
+    ``take``; an error opening it is raised there, where the reader would have met it.
     """
 
     def __init__(self, sources: Sequence[ShardSource], threads: int, max_bytes: int):
@@ -48,8 +48,12 @@ class OpenAhead:
         self._pool: ThreadPoolExecutor | None = None
         self._queue: OrderedDict[Key, int] = OrderedDict()  # hinted, not started: raw bytes
         self._pending: dict[Key, tuple[Future[ShardView], int]] = {}
-        self._held = 0
         self._lock = threading.RLock()  # the reader and the threads' completions both refill
+
+    @property
+    def _held(self) -> int:
+        """Raw bytes of the views opened or being opened ahead."""
+        return sum(size for _, size in self._pending.values())
 
     def _mine(self) -> bool:
         """Whether this process started the threads; after a fork, forget the parent's work."""
@@ -75,8 +79,6 @@ class OpenAhead:
         with self._lock:
             self._queue.pop(key, None)
             started = self._pending.pop(key, None)
-            if started is not None:
-                self._held -= started[1]
             self._fill()
         return None if started is None else started[0].result()
 
@@ -84,7 +86,7 @@ class OpenAhead:
         """Start queued shards while a thread is free and the views held ahead fit; runs again
         as each finishes, so the threads never wait for the reader."""
         with self._lock:
-            while self._queue:
+            while self._queue and len(self._pending) < 2 * self.threads:
                 if sum(not future.done() for future, _ in self._pending.values()) >= self.threads:
                     return
                 key, size = next(iter(self._queue.items()))
@@ -100,5 +102,4 @@ class OpenAhead:
                     self._queue.clear()
                     return
                 self._pending[key] = (future, size)
-                self._held += size
                 future.add_done_callback(lambda _: self._fill())

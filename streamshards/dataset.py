@@ -55,8 +55,8 @@ JOIN_SAMPLES = 256
 # share one, while the one chunk of lookahead stays a few hundred KiB.
 LOOKUP_CHUNK = 16384
 # Compressed local shards decompressed ahead of an in-process reader at once, each on its own
-# thread (no more threads than usable cores); together they hold at most a quarter of the
-# memory budget.
+# thread (no more threads than usable cores); the views held ahead take at most a quarter of
+# the memory budget.
 AHEAD_THREADS = 2
 
 
@@ -476,7 +476,7 @@ class StreamingDataset(IterableDataset):
             first = list(islice(batches, 1))  # read alone: the first batch waits on one batch
             reads = chain([first] if first else [], iter(lambda: list(islice(batches, join)), []))
         yield from self._read_units(cursor, reads)
-        if own and get_worker_info() is None:
+        if own and info is None:
             self.cursor = cursor.next_epoch()
 
     def iter_runs(self, cursor: Cursor, max_run: int) -> Iterator[tuple[dict[str, Any], list[int]]]:
