@@ -112,7 +112,7 @@ def _published_as(info: ShardInfo, listed: dict[str, ShardInfo]) -> ShardInfo:
         return info
     parts = info.file.split(".")
     at = next((i for i in range(1, len(parts)) if not parts[i].isdigit()), len(parts))
-    return dataclasses.replace(info, file=".".join([*parts[:at], info.hash, *parts[at:]]))
+    return info._replace(file=".".join([*parts[:at], info.hash, *parts[at:]]))
 
 
 def _index_to_publish(index: Index, data: bytes, published: list[ShardInfo]) -> bytes:

@@ -6,6 +6,7 @@ it without an import cycle.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import secrets
@@ -26,6 +27,20 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Hold off the cyclic garbage collector while a block builds many acyclic objects (a
+    decoded index): each collection it would trigger also scans everything the process already
+    holds (torch's modules), which cost more than the decoding itself."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @contextmanager

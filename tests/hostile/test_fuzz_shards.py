@@ -11,7 +11,7 @@ of FORMAT.md gives for them, or a ShardError naming the shard when the spec refu
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -99,9 +99,9 @@ def read_back(folder: Path, stored: bytes, index: Index) -> list | None:
     """Every sample (one by one, then each variable column in one batch) of ``stored``
     under an index entry matching its hash and sizes; None on a ShardError naming it."""
     info = index.shards[0]
-    info = replace(info, stored_bytes=len(stored), hash=stored_hash(stored))
+    info = info._replace(stored_bytes=len(stored), hash=stored_hash(stored))
     if info.compression is None:
-        info = replace(info, raw_bytes=len(stored))
+        info = info._replace(raw_bytes=len(stored))
     (folder / info.file).write_bytes(stored)
     try:
         view = open_shard(folder / info.file, info, Index(index.columns, [info]))

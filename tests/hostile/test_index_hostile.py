@@ -13,11 +13,21 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from hostile_helpers import write
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamshards import StreamingDataset, load_index
 from streamshards.cli import main
+from streamshards.columns import parse_column_type
 from streamshards.format import ShardError
-from streamshards.index import INDEX_NAME, IndexFormatError
+from streamshards.index import (
+    INDEX_NAME,
+    MAX_ZSTD_RATIO,
+    IndexFormatError,
+    _all_shards_at_once,
+    _each_shard,
+    min_raw_bytes,
+)
 
 
 def edit_index(folder: Path, change) -> None:
@@ -129,3 +139,58 @@ def test_zstd_compression_on_an_uncompressed_shard_is_named(tmp_path: Path) -> N
     bad = [line for line in result.output.splitlines() if line.startswith("BAD ")]
     assert [line.split(":")[0] for line in bad] == [f"BAD {s.file}" for s in shards]
     assert all("compression" in line for line in bad), bad
+
+
+_R = MAX_ZSTD_RATIO
+_SIZES = [-1, 0, 1, 55, 56, 64, 72, _R, _R + 1, 2 * _R + 1, 2**63 - 1, 2**63, True, 7.0]
+_HOSTILE_ENTRY = st.fixed_dictionaries(
+    {},
+    optional={
+        "file": st.sampled_from(["a", "b", INDEX_NAME, "../a", "a\nb", "", 7]),
+        "samples": st.sampled_from([-1, 0, 1, 2, 2**62, 2**63 - 1, 2**63, False, 1.0]),
+        "raw_bytes": st.sampled_from(_SIZES),
+        "stored_bytes": st.sampled_from(_SIZES),
+        "hash": st.sampled_from([{"xxh3_64": "0" * 16}, {"xxh3_64": "0" * 15}, {}, "0" * 16]),
+        "compression": st.sampled_from([None, "zstd", "gzip", ["zstd"], {"zstd": 1}]),
+    },
+)
+
+
+@st.composite
+def _plausible_entry(draw) -> dict:
+    """An entry on the edge of valid: sizes at and around what its sample count needs, and
+    zstd sizes at and around the most a frame can expand."""
+    samples = draw(st.integers(0, 3))
+    raw = 56 + 8 * samples + draw(st.sampled_from([0, 0, 0, 1, 2 * _R, -1]))
+    zstd = draw(st.booleans())
+    least_stored = -(-raw // _R)  # the fewest stored bytes a zstd frame of raw bytes needs
+    step = draw(st.sampled_from([0, 0, 0, 0, 1, -1]))
+    stored = least_stored + step if zstd else raw + abs(step)
+    entry = {
+        "file": draw(st.sampled_from(["a", "b", "c", "d", INDEX_NAME])),
+        "samples": samples,
+        "raw_bytes": raw,
+        "stored_bytes": stored,
+        "hash": {"xxh3_64": "0123456789abcdef"},
+    }
+    if zstd or draw(st.booleans()):
+        entry["compression"] = "zstd" if zstd else None
+    return entry
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    entries=st.one_of(
+        st.lists(_plausible_entry(), max_size=4, unique_by=lambda entry: entry["file"]),
+        st.lists(st.one_of(_plausible_entry(), _HOSTILE_ENTRY, st.just([])), max_size=4),
+    )
+)
+def test_the_columnwise_shard_check_agrees_with_the_one_by_one_check(entries: list) -> None:
+    """A large index's shards are checked as columns; that check passes exactly the lists
+    the per-shard check passes, with the same result, and leaves every error to it."""
+    least = min_raw_bytes([parse_column_type("str", "text")])
+    try:
+        expected = _each_shard(entries, least, "index.json")
+    except IndexFormatError:
+        expected = None
+    assert _all_shards_at_once(entries, least) == expected
