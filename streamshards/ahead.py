@@ -18,6 +18,10 @@ from streamshards.format import ShardView
 from streamshards.sources.base import ShardSource
 
 Key = tuple[int, int]  # (stream, shard)
+# Views opened or being opened ahead, per thread: enough that a shuffled chunk spread over
+# many shards keeps the threads busy while the reader waits on one, few enough that a hint
+# touching thousands of small shards does not open them all.
+VIEWS_PER_THREAD = 8
 
 
 def usable_cores() -> int:
@@ -32,9 +36,10 @@ class OpenAhead:
     """Views of hinted shards, opened by up to ``threads`` threads while the reader works.
 
     Shards are opened with ``sources[stream].open_view(shard)``. At most ``threads`` are being
-    opened at once and twice that many opened or being opened ahead, holding at most
-    ``max_bytes`` (one view whatever its size). A view opened ahead is handed over once by
-    ``take``; an error opening it is raised there, where the reader would have met it.
+    opened at once and ``VIEWS_PER_THREAD`` times that many opened or being opened ahead,
+    holding at most ``max_bytes`` (one view whatever its size). A view opened ahead is handed
+    over once by ``take``; an error opening it is raised there, where the reader would have
+    met it.
     """
 
     def __init__(self, sources: Sequence[ShardSource], threads: int, max_bytes: int):
@@ -86,7 +91,7 @@ class OpenAhead:
         """Start queued shards while a thread is free and the views held ahead fit; runs again
         as each finishes, so the threads never wait for the reader."""
         with self._lock:
-            while self._queue and len(self._pending) < 2 * self.threads:
+            while self._queue and len(self._pending) < VIEWS_PER_THREAD * self.threads:
                 if sum(not future.done() for future, _ in self._pending.values()) >= self.threads:
                     return
                 key, size = next(iter(self._queue.items()))

@@ -534,6 +534,10 @@ class StreamingDataset(IterableDataset):
 
         pending = chunks()
         current = next(pending, None)
+        if current is not None:  # the second chunk's shards are hinted before the first read,
+            ahead = next(pending, None)  # so that threads open them while it waits for its own
+            yield from current
+            current = ahead
         while current is not None:
             yield current[0]
             ahead = next(pending, None)
