@@ -3,7 +3,10 @@
 Each row is one epoch, in-process (``iter_batches``) or through ``StreamingDataLoader`` with
 0, 1 or 2 workers, shuffled or not, printed beside the limits measured in the same run:
 numpy copying the same shard bytes out of a memory map, and (compressed text) zstd alone,
-on one thread and on as many threads as an in-process reader decompresses ahead on.
+on one thread and on as many threads as an in-process reader decompresses ahead on. Text
+also gets UTF-8 decoding alone (work every text read adds once its bytes are in memory; in a
+shuffled epoch whose first batches need every shard, mostly after decompressing) and a pickle
+round trip of the decoded samples (the floor of handing them to another process).
 Every row is the fastest of ``--repeat`` runs, the one least disturbed by other work. A
 first epoch also hashes every shard before use (the "xxh3 verify alone" row); a second epoch
 of the same dataset finds its shards open and verified, as most of a long run does.
@@ -31,6 +34,7 @@ from streamshards.ahead import usable_cores
 from streamshards.dataset import AHEAD_THREADS
 from streamshards.format import stored_hash
 from streamshards.loader import RUN_SAMPLES
+from streamshards.reader import open_shard
 
 SEQ = 2048
 
@@ -102,6 +106,20 @@ def zstd_limit(folder: Path, threads: int = 1) -> float:
         started = time.perf_counter()
         list(pool.map(lambda blob: zstandard.ZstdDecompressor().decompress(blob), blobs))
         return time.perf_counter() - started
+
+
+def decode_limit(folder: Path) -> float:
+    """Seconds to make every sample's ``str`` from its UTF-8 bytes, already in memory: the
+    work left to any text read that hands out ``str``, whatever it stores or decompresses."""
+    index = load_index(folder)
+    encoded = []
+    for info in index.shards:
+        view = open_shard(folder / info.file, info, index)
+        encoded.extend(view.encoded(j)[0] for j in range(view.num_samples))
+    started = time.perf_counter()
+    for blob in encoded:
+        blob.decode()
+    return time.perf_counter() - started
 
 
 def pickle_limit(folder: Path, batch: int) -> float:
@@ -199,6 +217,9 @@ def main() -> None:
                 how = f"zstd alone, {threads} thr"
                 rows.append((name, how, "+", rate, raw_mb / unzstd, None))
             if name != "tokens":  # token batches cross processes as shared-memory tensors
+                decode = min(decode_limit(folder) for _ in range(args.repeat))
+                rate = index.num_samples / decode
+                rows.append((name, "utf-8 decode alone", "=", rate, raw_mb / decode, None))
                 ipc = min(pickle_limit(folder, args.batch) for _ in range(args.repeat))
                 rate = index.num_samples / ipc
                 rows.append((name, "pickle round trip", "=", rate, raw_mb / ipc, None))
