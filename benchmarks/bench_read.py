@@ -4,9 +4,8 @@ Each row is one epoch, in-process (``iter_batches``) or through ``StreamingDataL
 0, 1 or 2 workers, shuffled or not, printed beside the limits measured in the same run:
 numpy copying the same shard bytes out of a memory map, and (compressed text) zstd alone,
 on one thread and on as many threads as an in-process reader decompresses ahead on. Text
-also gets UTF-8 decoding alone (work every text read adds once its bytes are in memory; in a
-shuffled epoch whose first batches need every shard, mostly after decompressing) and a pickle
-round trip of the decoded samples (the floor of handing them to another process).
+also gets UTF-8 decoding alone (what every text read adds once its bytes are in memory) and a
+pickle round trip of the decoded samples (the floor of handing them to another process).
 Every row is the fastest of ``--repeat`` runs, the one least disturbed by other work. A
 first epoch also hashes every shard before use (the "xxh3 verify alone" row); a second epoch
 of the same dataset finds its shards open and verified, as most of a long run does.
@@ -115,7 +114,7 @@ def decode_limit(folder: Path) -> float:
     encoded = []
     for info in index.shards:
         view = open_shard(folder / info.file, info, index)
-        encoded.extend(view.encoded(j)[0] for j in range(view.num_samples))
+        encoded.extend(view.encoded(j)[0] for j in range(view.num_samples))  # the text column
     started = time.perf_counter()
     for blob in encoded:
         blob.decode()
