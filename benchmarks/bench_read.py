@@ -6,6 +6,8 @@ numpy copying the same shard bytes out of a memory map, and (compressed text) zs
 on one thread and on as many threads as an in-process reader decompresses ahead on. Text
 also gets UTF-8 decoding alone (what every text read adds once its bytes are in memory) and a
 pickle round trip of the decoded samples (the floor of handing them to another process).
+Compressed text also gets a CPU floor: zstd on one thread plus the same documents read
+uncompressed from memory, over every core, the fastest an in-process epoch could be here.
 Every row is the fastest of ``--repeat`` runs, the one least disturbed by other work. A
 first epoch also hashes every shard before use (the "xxh3 verify alone" row); a second epoch
 of the same dataset finds its shards open and verified, as most of a long run does.
@@ -155,6 +157,26 @@ def epoch(
     return time.perf_counter() - started, samples, first or 0.0
 
 
+def cpu_floors(
+    seconds_of: dict[tuple[str, str, str], float], size: tuple[int, float] | None
+) -> list[tuple]:
+    """Rows for the fastest an in-process epoch of compressed text could be on this machine's
+    cores: its CPU work (zstd on one thread and the verifying hash, plus the same documents read
+    uncompressed from memory, which is every per-sample step) spread over every core with no
+    wait. "text" and "text-raw" hold the same documents, so their sample counts agree."""
+    cores = usable_cores()
+    unzstd = seconds_of.get(("text", "zstd alone", "-"))
+    rows = []
+    for shuffle in ("off", "on"):
+        read = seconds_of.get(("text-raw", "in-process, 2nd epoch", shuffle))
+        if size is not None and unzstd is not None and read is not None:
+            samples, raw_mb = size
+            floor = (unzstd + read) / cores
+            how = f"cpu floor, {cores} cores"
+            rows.append(("text", how, shuffle, samples / floor, raw_mb / floor, None))
+    return rows
+
+
 # row label: (workers, warm) as ``epoch`` takes them
 MODES = {
     "in-process": (None, False),
@@ -175,6 +197,8 @@ def main() -> None:
     parser.add_argument("--plot", help="write a bar chart PNG here")
     args = parser.parse_args()
     rows = []
+    seconds_of: dict[tuple[str, str, str], float] = {}  # (data, how, shuffle) -> best seconds
+    sizes: dict[str, tuple[int, float]] = {}  # data -> (samples, raw MB)
     with tempfile.TemporaryDirectory() as tmp:
         for name, make, size in (
             ("tokens", make_tokens, args.tokens_mb),
@@ -189,6 +213,7 @@ def main() -> None:
             make(folder, size)
             index = load_index(folder)
             raw_mb = index.raw_bytes / 1e6
+            sizes[name] = (index.num_samples, raw_mb)
             epoch(folder, False, None, args.batch)  # warm the page cache
             limit = min(mmap_limit(folder) for _ in range(args.repeat))
             rows.append(
@@ -208,6 +233,7 @@ def main() -> None:
             )
             if index.shards[0].compression:
                 unzstd = min(zstd_limit(folder) for _ in range(args.repeat))
+                seconds_of[name, "zstd alone", "-"] = unzstd + verify
                 rate = index.num_samples / unzstd
                 rows.append((name, "zstd alone (limit)", "+", rate, raw_mb / unzstd, None))
                 threads = min(AHEAD_THREADS, usable_cores())
@@ -230,11 +256,13 @@ def main() -> None:
                     ]
                     assert all(samples == index.num_samples for _, samples, _ in runs)
                     seconds = min(t for t, _, _ in runs)  # the run least disturbed by other work
+                    seconds_of[name, how, "on" if shuffle else "off"] = seconds
                     first = min(f for _, _, f in runs)
                     rate = index.num_samples / seconds
                     rows.append(
                         (name, how, "on" if shuffle else "off", rate, raw_mb / seconds, first)
                     )
+    rows.extend(cpu_floors(seconds_of, sizes.get("text")))
     print(
         f"{'data':<9} {'how':<22} {'shuffle':<8} {'samples/s':>12} {'MB/s':>9} {'of limit':>9} "
         f"{'1st batch s':>12}"
