@@ -158,19 +158,21 @@ def epoch(
 
 
 def cpu_floors(
-    seconds_of: dict[tuple[str, str, str], float], size: tuple[int, float] | None
+    compressed: tuple[int, float, float] | None, seconds_of: dict[tuple[str, str, str], float]
 ) -> list[tuple]:
     """Rows for the fastest an in-process epoch of compressed text could be on this machine's
     cores: its CPU work (zstd on one thread and the verifying hash, plus the same documents read
     uncompressed from memory, which is every per-sample step) spread over every core with no
-    wait. "text" and "text-raw" hold the same documents, so their sample counts agree."""
+    wait. ``compressed`` is "text"'s (samples, raw MB, seconds of zstd on one thread and the
+    hash); "text-raw" holds the same documents, so their sample counts agree."""
+    if compressed is None:
+        return []
+    samples, raw_mb, unzstd = compressed
     cores = usable_cores()
-    unzstd = seconds_of.get(("text", "zstd alone", "-"))
     rows = []
     for shuffle in ("off", "on"):
         read = seconds_of.get(("text-raw", "in-process, 2nd epoch", shuffle))
-        if size is not None and unzstd is not None and read is not None:
-            samples, raw_mb = size
+        if read is not None:
             floor = (unzstd + read) / cores
             how = f"cpu floor, {cores} cores"
             rows.append(("text", how, shuffle, samples / floor, raw_mb / floor, None))
@@ -197,8 +199,8 @@ def main() -> None:
     parser.add_argument("--plot", help="write a bar chart PNG here")
     args = parser.parse_args()
     rows = []
-    seconds_of: dict[tuple[str, str, str], float] = {}  # (data, how, shuffle) -> best seconds
-    sizes: dict[str, tuple[int, float]] = {}  # data -> (samples, raw MB)
+    seconds_of: dict[tuple[str, str, str], float] = {}  # epochs: (data, how, shuffle) -> best s
+    compressed = None  # "text": (samples, raw MB, seconds of zstd on one thread and the hash)
     with tempfile.TemporaryDirectory() as tmp:
         for name, make, size in (
             ("tokens", make_tokens, args.tokens_mb),
@@ -213,7 +215,6 @@ def main() -> None:
             make(folder, size)
             index = load_index(folder)
             raw_mb = index.raw_bytes / 1e6
-            sizes[name] = (index.num_samples, raw_mb)
             epoch(folder, False, None, args.batch)  # warm the page cache
             limit = min(mmap_limit(folder) for _ in range(args.repeat))
             rows.append(
@@ -233,7 +234,8 @@ def main() -> None:
             )
             if index.shards[0].compression:
                 unzstd = min(zstd_limit(folder) for _ in range(args.repeat))
-                seconds_of[name, "zstd alone", "-"] = unzstd + verify
+                if name == "text":
+                    compressed = (index.num_samples, raw_mb, unzstd + verify)
                 rate = index.num_samples / unzstd
                 rows.append((name, "zstd alone (limit)", "+", rate, raw_mb / unzstd, None))
                 threads = min(AHEAD_THREADS, usable_cores())
@@ -262,7 +264,7 @@ def main() -> None:
                     rows.append(
                         (name, how, "on" if shuffle else "off", rate, raw_mb / seconds, first)
                     )
-    rows.extend(cpu_floors(seconds_of, sizes.get("text")))
+    rows.extend(cpu_floors(compressed, seconds_of))
     print(
         f"{'data':<9} {'how':<22} {'shuffle':<8} {'samples/s':>12} {'MB/s':>9} {'of limit':>9} "
         f"{'1st batch s':>12}"
