@@ -6,9 +6,11 @@ numpy copying the same shard bytes out of a memory map, and (compressed text) zs
 on one thread and on as many threads as an in-process reader decompresses ahead on. Text
 also gets UTF-8 decoding alone (what every text read adds once its bytes are in memory) and a
 pickle round trip of the decoded samples (the floor of handing them to another process).
-Compressed text also gets an overlap floor: zstd decompressing every shard on the reader's
-threads while the main thread reads the same documents stored uncompressed, both at once and
-neither waiting on the other: the fastest an in-process epoch could be on this machine.
+Compressed text also gets two overlap floors: zstd decompressing every shard on the reader's
+threads while the main thread, at the same time and waiting on nothing, either reads the same
+documents stored uncompressed ("overlap: reader", this reader's per-sample work) or only
+decodes their UTF-8 in the epoch's order ("overlap: decode only", the least any reader handing
+out ``str`` does): the fastest an in-process epoch could be on this machine.
 Every row is the fastest of ``--repeat`` runs, the one least disturbed by other work. A
 first epoch also hashes every shard before use (the "xxh3 verify alone" row); a second epoch
 of the same dataset finds its shards open and verified, as most of a long run does.
@@ -25,6 +27,7 @@ import mmap
 import pickle
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -110,14 +113,20 @@ def zstd_limit(folder: Path, threads: int = 1) -> float:
         return time.perf_counter() - started
 
 
-def decode_limit(folder: Path) -> float:
-    """Seconds to make every sample's ``str`` from its UTF-8 bytes, already in memory: the
-    work left to any text read that hands out ``str``, whatever it stores or decompresses."""
+def encoded_samples(folder: Path) -> list[bytes]:
+    """Every sample's stored text bytes, in stored order (so in memory in that order too)."""
     index = load_index(folder)
     encoded = []
     for info in index.shards:
         view = open_shard(folder / info.file, info, index)
         encoded.extend(view.encoded(j)[0] for j in range(view.num_samples))  # the text column
+    return encoded
+
+
+def decode_limit(folder: Path) -> float:
+    """Seconds to make every sample's ``str`` from its UTF-8 bytes, already in memory: the
+    work left to any text read that hands out ``str``, whatever it stores or decompresses."""
+    encoded = encoded_samples(folder)
     started = time.perf_counter()
     for blob in encoded:
         blob.decode()
@@ -158,19 +167,45 @@ def epoch(
     return time.perf_counter() - started, samples, first or 0.0
 
 
-def overlap_limit(compressed: Path, raw: Path, shuffle: bool, batch: int) -> float:
-    """Seconds for the fastest an in-process epoch of ``compressed`` could be here: its shards
-    hashed and decompressed on the reader's threads while this thread reads the same documents
-    stored uncompressed (``raw``, a 2nd epoch: every per-sample step), all at once with nothing
-    waiting. Measured rather than summed, since the threads and this one share cores, caches
-    and memory bandwidth."""
+def reader_epoch(folder: Path, shuffle: bool, batch: int) -> Callable[[], None]:
+    """A second in-process epoch of ``folder``: every per-sample step of the reader, with its
+    shards already open."""
+    dataset = StreamingDataset(local=folder, shuffle=shuffle, seed=1, batch_size=batch)
+    for _ in dataset.iter_batches():
+        pass
+
+    def read() -> None:
+        for _ in dataset.iter_batches():
+            pass
+
+    return read
+
+
+def decode_epoch(folder: Path, shuffle: bool, batch: int) -> Callable[[], None]:
+    """UTF-8 decoding of every sample of ``folder`` in the epoch's order, from bytes held in
+    memory in stored order: the least per-sample work any reader handing out ``str`` does."""
+    dataset = StreamingDataset(local=folder, shuffle=shuffle, seed=1, batch_size=batch)
+    _, shards, rows = dataset.order(0).locate(np.arange(len(dataset)))
+    firsts = np.cumsum([0] + [info.samples for info in dataset.sources[0].index.shards])
+    encoded = encoded_samples(folder)
+    order = (firsts[shards] + rows).tolist()
+
+    def decode() -> None:
+        for k in order:
+            encoded[k].decode()
+
+    return decode
+
+
+def overlap_limit(compressed: Path, work: Callable[[], None]) -> float:
+    """Seconds for the shards of ``compressed`` to be hashed and decompressed on the reader's
+    threads while this thread runs ``work`` on the same documents, all at once with nothing
+    waiting: the fastest an in-process epoch doing that work could be here. Measured, not
+    summed, since the threads and this one share cores, caches and memory bandwidth."""
     import zstandard
 
     index = load_index(compressed)
     blobs = [(compressed / info.file).read_bytes() for info in index.shards]
-    dataset = StreamingDataset(local=raw, shuffle=shuffle, seed=1, batch_size=batch)
-    for _ in dataset.iter_batches():
-        pass
 
     def unpack(blob: bytes) -> bytes:
         stored_hash(blob)
@@ -179,8 +214,7 @@ def overlap_limit(compressed: Path, raw: Path, shuffle: bool, batch: int) -> flo
     with ThreadPoolExecutor(min(AHEAD_THREADS, usable_cores())) as pool:
         started = time.perf_counter()
         unpacked = [pool.submit(unpack, blob) for blob in blobs]
-        for _ in dataset.iter_batches():
-            pass
+        work()
         for future in unpacked:
             future.result()
         return time.perf_counter() - started
@@ -266,17 +300,19 @@ def main() -> None:
                     rows.append(
                         (name, how, "on" if shuffle else "off", rate, raw_mb / seconds, first)
                     )
-        text = load_index(Path(tmp) / "text")
-        for shuffle in (False, True):
-            floor = min(
-                overlap_limit(Path(tmp) / "text", Path(tmp) / "text-raw", shuffle, args.batch)
-                for _ in range(args.repeat)
-            )
-            how = "overlap floor"
-            rate = text.num_samples / floor
-            rows.append(
-                ("text", how, "on" if shuffle else "off", rate, text.raw_bytes / 1e6 / floor, None)
-            )
+        text, raw = Path(tmp) / "text", Path(tmp) / "text-raw"
+        index = load_index(text)
+        samples, raw_mb = index.num_samples, index.raw_bytes / 1e6
+        for how, work in (
+            ("overlap: reader", reader_epoch),
+            ("overlap: decode only", decode_epoch),
+        ):
+            for shuffle in (False, True):
+                floor = min(
+                    overlap_limit(text, work(raw, shuffle, args.batch)) for _ in range(args.repeat)
+                )
+                flag = "on" if shuffle else "off"
+                rows.append(("text", how, flag, samples / floor, raw_mb / floor, None))
     print(
         f"{'data':<9} {'how':<22} {'shuffle':<8} {'samples/s':>12} {'MB/s':>9} {'of limit':>9} "
         f"{'1st batch s':>12}"
