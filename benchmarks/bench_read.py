@@ -100,13 +100,17 @@ def verify_time(folder: Path) -> float:
     return time_mapped(folder, stored_hash)
 
 
+def stored_blobs(folder: Path) -> list[bytes]:
+    """Every shard file's stored bytes, read into memory so that timings exclude the disk."""
+    return [(folder / info.file).read_bytes() for info in load_index(folder).shards]
+
+
 def zstd_limit(folder: Path, threads: int = 1) -> float:
     """Seconds for zstd alone to decompress every shard on ``threads`` threads (the floor for
     compressed text; an in-process reader decompresses on AHEAD_THREADS)."""
     import zstandard
 
-    index = load_index(folder)
-    blobs = [(folder / info.file).read_bytes() for info in index.shards]
+    blobs = stored_blobs(folder)
     with ThreadPoolExecutor(threads) as pool:
         started = time.perf_counter()
         list(pool.map(lambda blob: zstandard.ZstdDecompressor().decompress(blob), blobs))
@@ -186,9 +190,8 @@ def decode_epoch(folder: Path, shuffle: bool, batch: int) -> Callable[[], None]:
     memory in stored order: the least per-sample work any reader handing out ``str`` does."""
     dataset = StreamingDataset(local=folder, shuffle=shuffle, seed=1, batch_size=batch)
     _, shards, rows = dataset.order(0).locate(np.arange(len(dataset)))
-    firsts = np.cumsum([0] + [info.samples for info in dataset.sources[0].index.shards])
     encoded = encoded_samples(folder)
-    order = (firsts[shards] + rows).tolist()
+    order = (dataset.sources[0].index.shard_starts[shards] + rows).tolist()
 
     def decode() -> None:
         for k in order:
@@ -204,8 +207,7 @@ def overlap_limit(compressed: Path, work: Callable[[], None]) -> float:
     summed, since the threads and this one share cores, caches and memory bandwidth."""
     import zstandard
 
-    index = load_index(compressed)
-    blobs = [(compressed / info.file).read_bytes() for info in index.shards]
+    blobs = stored_blobs(compressed)
 
     def unpack(blob: bytes) -> bytes:
         stored_hash(blob)
